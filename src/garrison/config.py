@@ -1,0 +1,338 @@
+"""The configuration schema: the single source of truth for every option.
+
+Read from TOML with ``tomllib`` and validated by pydantic, so that every mistake is reported as
+``path.to.key: reason`` (like ``nginx -t``) before anything starts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_size(value: Any) -> int:
+    """Parse ``"1GiB"``, ``"500MB"``, ``"10k"`` or a plain integer into bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 1GiB or 500MB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("size must not be negative")
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"invalid size {value!r}: use a number with B, KiB, MiB, GiB, kB, MB or GB")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def parse_duration(value: Any) -> float:
+    """Parse ``"30s"``, ``"5m"``, ``"365d"``, ``"250ms"`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s or 5m")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("duration must not be negative")
+        return float(value)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", str(value))
+    if not match:
+        raise ValueError(f"invalid duration {value!r}: use a number with ms, s, m, h or d")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+
+
+def parse_hostport(value: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """Parse ``HOST:PORT``, ``[v6]:PORT`` or ``:PORT`` into a (host, port) pair."""
+    text = str(value).strip()
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", text)
+    if not match:
+        raise ValueError(f"invalid address {value!r}: use HOST:PORT or [IPv6]:PORT")
+    host = match.group(1) or match.group(3) or default_host
+    port = int(match.group(2) or match.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range 0-65535")
+    return host, port
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TimeoutsConfig(_Model):
+    """Timeouts of the data plane. No total timeout: an LLM stream may run for minutes."""
+
+    header_read: Duration = 10.0
+    keepalive_idle: Duration = 75.0
+    upstream_connect: Duration = 5.0
+    upstream_idle: Duration = 300.0
+    shutdown_grace: Duration = 30.0
+
+
+class ServerConfig(_Model):
+    listen: str = "0.0.0.0:8443"
+    http_listen: str | None = None
+    hostnames: list[str] = Field(default_factory=list)
+    tls_profile: Literal["intermediate", "modern"] = "intermediate"
+    trusted_proxies: list[str] = Field(default_factory=list)
+    max_body: Size = 1024**3
+    max_header_bytes: Size = 32 * 1024
+    max_headers: int = Field(default=100, ge=1, le=1000)
+    hsts_max_age: Duration = 365 * 86400
+    hsts_include_subdomains: bool = False
+    referrer_policy: str = "strict-origin-when-cross-origin"
+    server_cert_days: int = Field(default=90, ge=1, le=397)
+    access_log: str = "stderr"
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_hostport(value)
+        return value
+
+    @field_validator("http_listen")
+    @classmethod
+    def _http_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_hostport(value)
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network") from exc
+        return value
+
+    @field_validator("hostnames")
+    @classmethod
+    def _hostnames(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _is_ip(name) and not re.fullmatch(
+                r"(\*\.)?([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)*"
+                r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?",
+                name,
+            ):
+                raise ValueError(f"{name!r} is not a valid DNS name or IP address")
+        return value
+
+    @field_validator("referrer_policy")
+    @classmethod
+    def _referrer_policy(cls, value: str) -> str:
+        allowed = {
+            "no-referrer",
+            "no-referrer-when-downgrade",
+            "origin",
+            "origin-when-cross-origin",
+            "same-origin",
+            "strict-origin",
+            "strict-origin-when-cross-origin",
+            "unsafe-url",
+        }
+        if value not in allowed:
+            raise ValueError(f"unknown Referrer-Policy {value!r}")
+        return value
+
+
+class UpstreamConfig(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    url: str
+    max_idle_connections: int = Field(default=64, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "http":
+            raise ValueError("upstream url must start with http:// (TLS to upstreams is not supported yet)")
+        if not parts.hostname:
+            raise ValueError("upstream url needs a host")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("upstream url must not have a path, query or fragment; use a route")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 80
+
+
+class RouteConfig(_Model):
+    path: str = "/"
+    upstream: str
+    strip_prefix: bool = False
+    deny: list[str] = Field(default_factory=list)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("route path must start with /")
+        if any(c in value for c in "?#%\\") or "//" in value or "/./" in value or "/../" in value:
+            raise ValueError("route path must be a plain normalised path prefix")
+        return value
+
+    @field_validator("deny")
+    @classmethod
+    def _deny(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            if not prefix.startswith("/"):
+                raise ValueError(f"deny prefix {prefix!r} must start with /")
+            if "%" in prefix or "\\" in prefix:
+                raise ValueError(f"deny prefix {prefix!r} must be written decoded, without % or \\")
+        return value
+
+
+class Config(_Model):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    upstream: list[UpstreamConfig] = Field(default_factory=list)
+    route: list[RouteConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        names = [u.name for u in self.upstream]
+        duplicates = {n for n in names if names.count(n) > 1}
+        if duplicates:
+            raise ValueError(f"upstream names must be unique: {sorted(duplicates)}")
+        for index, route in enumerate(self.route):
+            if route.upstream not in names:
+                raise _LocatedError(("route", index, "upstream"), f"unknown upstream {route.upstream!r}")
+        paths = [r.path for r in self.route]
+        for path in {p for p in paths if paths.count(p) > 1}:
+            raise _LocatedError(("route",), f"two routes have the same path {path!r}")
+        return self
+
+    def upstream_by_name(self, name: str) -> UpstreamConfig:
+        return next(u for u in self.upstream if u.name == name)
+
+
+class _LocatedError(ValueError):
+    """A model-level error that knows which key it is about."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+class ConfigError(Exception):
+    """Every problem found in a configuration, each as ``path.to.key: reason``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _format_errors(error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        loc = [str(part) for part in item["loc"]]
+        message = item["msg"]
+        ctx_error = (item.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _LocatedError):
+            loc = loc + [str(part) for part in ctx_error.loc]
+            message = str(ctx_error)
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        if item["type"] == "extra_forbidden":
+            message = "unknown option"
+        problems.append(f"{'.'.join(loc) or '(top)'}: {message}")
+    return problems
+
+
+def validate(data: dict[str, Any]) -> Config:
+    """Validate a parsed config mapping, raising ConfigError with every problem."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Read a TOML file into a mapping, with syntax errors reported as ConfigError."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: TOML syntax error: {exc}"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: {exc.strerror}"]) from None
+
+
+def build(
+    config_file: Path | None = None,
+    *,
+    upstream: str | None = None,
+    listen: str | None = None,
+    http_listen: str | None = None,
+    hostnames: tuple[str, ...] = (),
+) -> Config:
+    """Merge a config file (optional) with command-line flags; flags win."""
+    data: dict[str, Any] = load_file(config_file) if config_file else {}
+    server = dict(data.get("server") or {})
+    if listen:
+        server["listen"] = listen
+    if http_listen:
+        server["http_listen"] = http_listen
+    if hostnames:
+        server["hostnames"] = list(hostnames)
+    data["server"] = server
+    if upstream:
+        upstreams = [u for u in data.get("upstream") or [] if u.get("name") != "default"]
+        data["upstream"] = [*upstreams, {"name": "default", "url": upstream}]
+        if not any(r.get("path") == "/" for r in data.get("route") or []):
+            data["route"] = [*(data.get("route") or []), {"path": "/", "upstream": "default"}]
+    config = validate(data)
+    if not config.route:
+        raise ConfigError(["route: no route configured: give --upstream URL, --demo, or [[route]]"])
+    return config

@@ -1,0 +1,127 @@
+"""What flows through the pipeline: the Exchange (one request) and the Reply (an early answer).
+
+Stages never see sockets or protocol objects, only these, so the data plane can change without
+touching a stage.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from html import escape
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from garrison.pipeline.routes import CompiledRoute
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request on its way through the gateway. Header names are lower-case bytes."""
+
+    method: str
+    target: bytes
+    version: str
+    headers: Headers
+    peer_ip: str
+    tls: bool = True
+    client_ip: str = ""
+    host: str = ""
+    path: str = ""
+    query: bytes = b""
+    route: CompiledRoute | None = None
+    upstream_target: bytes = b""
+    forwarded_prefix: str = ""
+    upstream_headers: Headers = field(default_factory=list)
+    response_headers: Headers = field(default_factory=list)
+    started: float = 0.0
+    stage: str = ""
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a header (name lower-case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def wants_html(self) -> bool:
+        """Browsers get HTML error pages; API clients (JSON or no text/html) get JSON."""
+        accept = (self.header(b"accept") or b"").lower()
+        return b"text/html" in accept and b"application/json" not in accept
+
+
+@dataclass(slots=True)
+class Reply:
+    """An answer produced by the gateway itself instead of the upstream."""
+
+    status: int
+    body: bytes = b""
+    content_type: bytes = b"application/json"
+    headers: Headers = field(default_factory=list)
+
+    @classmethod
+    def json(cls, status: int, payload: object, headers: Headers | None = None) -> Reply:
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        return cls(status, body, b"application/json", headers or [])
+
+    @classmethod
+    def redirect(cls, location: str, status: int = 301) -> Reply:
+        return cls(status, b"", b"text/plain", [(b"location", location.encode("latin-1"))])
+
+
+_TITLES = {
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Payload Too Large",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+_ERROR_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>{status} {title}</title>
+<style>
+body{{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;background:#f5f6f8;color:#1f2933;
+margin:0;display:flex;min-height:100vh;align-items:center;justify-content:center}}
+main{{background:#fff;border-radius:12px;box-shadow:0 2px 12px rgba(0,0,0,.08);padding:2.5rem 3rem;
+max-width:34rem}}
+h1{{margin:0 0 .5rem;font-size:1.4rem}} p{{line-height:1.5;margin:.5rem 0}}
+code{{color:#52606d;font-size:.85rem}}
+</style></head>
+<body><main><h1>{status} {title}</h1><p>{message}</p><p><code>{code}</code></p></main></body></html>
+"""
+
+
+def error_reply(status: int, code: str, message: str, *, html: bool) -> Reply:
+    """An error in the form the client reads: a small HTML page or a JSON object. Never a trace."""
+    if html:
+        page = _ERROR_PAGE.format(
+            status=status,
+            title=_TITLES.get(status, "Error"),
+            message=escape(message),
+            code=escape(code),
+        )
+        return Reply(status, page.encode(), b"text/html; charset=utf-8")
+    return Reply.json(status, {"error": {"code": code, "message": message}})
+
+
+class Stage(Protocol):
+    """One step of the pipeline: answer with a Reply to end the request, or None to go on."""
+
+    name: str
+
+    def __call__(self, ex: Exchange) -> Awaitable[Reply | None]: ...
+
+
+StageFunc = Callable[[Exchange], Awaitable[Reply | None]]
