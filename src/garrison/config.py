@@ -50,7 +50,9 @@ def parse_size(value: Any) -> int:
         return value
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"invalid size {value!r}: use a number with B, KiB, MiB, GiB, kB, MB or GB")
+        raise ValueError(
+            f"invalid size {value!r}: use a number with B, KiB, MiB, GiB, kB, MB or GB"
+        )
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
@@ -178,7 +180,9 @@ class UpstreamConfig(_Model):
     def _url(cls, value: str) -> str:
         parts = urlsplit(value)
         if parts.scheme != "http":
-            raise ValueError("upstream url must start with http:// (TLS to upstreams is not supported yet)")
+            raise ValueError(
+                "upstream url must start with http:// (TLS to upstreams is not supported yet)"
+            )
         if not parts.hostname:
             raise ValueError("upstream url needs a host")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
@@ -237,7 +241,9 @@ class Config(_Model):
             raise ValueError(f"upstream names must be unique: {sorted(duplicates)}")
         for index, route in enumerate(self.route):
             if route.upstream not in names:
-                raise _LocatedError(("route", index, "upstream"), f"unknown upstream {route.upstream!r}")
+                raise _LocatedError(
+                    ("route", index, "upstream"), f"unknown upstream {route.upstream!r}"
+                )
         paths = [r.path for r in self.route]
         for path in {p for p in paths if paths.count(p) > 1}:
             raise _LocatedError(("route",), f"two routes have the same path {path!r}")

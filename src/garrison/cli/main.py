@@ -1,0 +1,26 @@
+"""The `garrison` command. Thin: parse, call into the parts, print."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from garrison import __version__
+from garrison.cli.ca import ca
+from garrison.cli.up import check, up
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="garrison")
+def cli() -> None:
+    """Garrison puts a self-hosted AI service behind HTTPS, auth and limits, unchanged."""
+
+
+cli.add_command(up)
+cli.add_command(check)
+cli.add_command(ca)
+
+
+def main() -> None:
+    sys.exit(cli.main(prog_name="garrison", standalone_mode=True))

@@ -1,0 +1,128 @@
+"""`garrison up` and `garrison check`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from garrison.cli.options import config_option, data_dir_option
+from garrison.config import ConfigError
+from garrison.gateway import UpOptions, prepare_certificates, resolve_data_dir
+from garrison.pki.ca import CAError
+from garrison.process import configure_logging, run, say
+
+PLACEHOLDER_UPSTREAM = "http://127.0.0.1:9"
+
+
+def _fail_config(error: ConfigError) -> None:
+    for problem in error.problems:
+        click.echo(problem, err=True)
+    click.echo("configuration is invalid; nothing was started", err=True)
+    sys.exit(1)
+
+
+@click.command()
+@click.option("--upstream", help="URL of the app to protect, e.g. http://127.0.0.1:7860.")
+@click.option("--listen", help="HTTPS address, HOST:PORT (default 0.0.0.0:8443; port 0 = any).")
+@click.option("--http-listen", help="Plain HTTP address that redirects to HTTPS.")
+@click.option(
+    "--hostname", "hostnames", multiple=True, help="Name or IP for the server certificate."
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Processes sharing the ports (SO_REUSEPORT).",
+)
+@click.option("--demo", is_flag=True, help="Start the bundled demo AI app and protect it.")
+@data_dir_option
+@config_option
+def up(
+    upstream: str | None,
+    listen: str | None,
+    http_listen: str | None,
+    hostnames: tuple[str, ...],
+    workers: int,
+    demo: bool,
+    data_dir: Path | None,
+    config_file: Path | None,
+) -> None:
+    """Start the gateway in front of an upstream (or the demo app)."""
+    configure_logging()
+    options = UpOptions(
+        config_file=config_file,
+        upstream=upstream,
+        listen=listen,
+        http_listen=http_listen,
+        hostnames=hostnames,
+        data_dir=data_dir,
+        workers=workers,
+        demo=demo and not upstream,
+    )
+    try:
+        if options.demo:
+            options.with_upstream(PLACEHOLDER_UPSTREAM).load_config()  # fail before starting it
+        elif not upstream and not config_file:
+            raise ConfigError(
+                ["upstream: nothing to protect: give --upstream URL, --demo or --config"]
+            )
+        else:
+            options.load_config()
+    except ConfigError as exc:
+        _fail_config(exc)
+    directory = resolve_data_dir(data_dir)
+    demo_process = None
+    if options.demo:
+        from garrison.demo.launcher import DemoProcess
+
+        demo_process = DemoProcess()
+        options = options.with_upstream(demo_process.url)
+        say(f"demo app started on {demo_process.url} (loopback only)")
+    try:
+        config = options.load_config()
+        try:
+            ca, cert = prepare_certificates(directory, config)
+        except (CAError, OSError) as exc:
+            click.echo(f"garrison: cannot prepare certificates: {exc}", err=True)
+            sys.exit(1)
+        say(f"data dir {directory}")
+        say(f"CA certificate (trust this): {ca.cert_path}")
+        say(
+            f"server certificate for {', '.join(cert.names)}, valid until {cert.not_after:%Y-%m-%d}"
+        )
+        for route in config.route:
+            target = config.upstream_by_name(route.upstream).url
+            say(f"route {route.path} -> {target}")
+        try:
+            code = run(options, config, directory)
+        except OSError as exc:
+            click.echo(f"garrison: cannot listen: {exc.strerror or exc}", err=True)
+            code = 1
+    except ConfigError as exc:
+        _fail_config(exc)
+    finally:
+        if demo_process is not None:
+            demo_process.stop()
+    sys.exit(code)
+
+
+@click.command()
+@config_option
+def check(config_file: Path | None) -> None:
+    """Validate a configuration file, like `nginx -t`."""
+    if config_file is None:
+        raise click.UsageError("--config FILE is required")
+    try:
+        from garrison import config as config_mod
+
+        parsed = config_mod.validate(config_mod.load_file(config_file))
+        if not parsed.route:
+            raise ConfigError(["route: no route configured"])
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(problem, err=True)
+        sys.exit(1)
+    click.echo("config OK")

@@ -1,0 +1,237 @@
+"""The gateway of one process: certificates, listeners and pipeline from a config; reload; stop.
+
+`garrison up` builds one Gateway per worker process. Everything a request needs lives in a
+Runtime that reload() replaces whole; sockets and the TLS context stay, so nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import platformdirs
+
+from garrison import config as config_mod
+from garrison.config import Config, parse_hostport
+from garrison.fsutil import ensure_private_dir
+from garrison.http.server import ServerState, bind_socket, drain, serve_https, serve_redirect
+from garrison.observe.accesslog import AccessLog
+from garrison.pki.ca import CertificateAuthority
+from garrison.pki.server_cert import ServerCertificate, ensure_server_certificate
+from garrison.pki.tls import TLSConfigError, reload_context, server_context
+from garrison.runtime import Runtime, build_runtime
+
+log = logging.getLogger("garrison")
+
+POOL_SWEEP_SECONDS = 15.0
+POOL_MAX_IDLE_AGE = 60.0
+CERT_CHECK_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    """What `garrison up` was asked for; flags win over the config file."""
+
+    config_file: Path | None = None
+    upstream: str | None = None
+    listen: str | None = None
+    http_listen: str | None = None
+    hostnames: tuple[str, ...] = ()
+    data_dir: Path | None = None
+    workers: int = 1
+    demo: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def load_config(self) -> Config:
+        return config_mod.build(
+            self.config_file,
+            upstream=self.upstream,
+            listen=self.listen,
+            http_listen=self.http_listen,
+            hostnames=self.hostnames,
+        )
+
+    def with_upstream(self, url: str) -> UpOptions:
+        return replace(self, upstream=url)
+
+
+def resolve_data_dir(explicit: Path | None) -> Path:
+    """--data-dir, else $GARRISON_HOME, else the platform's user data dir."""
+    if explicit is not None:
+        return explicit.expanduser().resolve()
+    env = os.environ.get("GARRISON_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(platformdirs.user_data_dir("garrison"))
+
+
+def ca_passphrase() -> bytes | None:
+    value = os.environ.get("GARRISON_CA_PASSPHRASE")
+    return value.encode() if value else None
+
+
+def prepare_certificates(
+    data_dir: Path, config: Config
+) -> tuple[CertificateAuthority, ServerCertificate]:
+    """Create the CA on first start and a server certificate for every configured name."""
+    ensure_private_dir(data_dir)
+    ca = CertificateAuthority.load_or_create(data_dir, ca_passphrase())
+    cert = ensure_server_certificate(
+        data_dir, ca, config.server.hostnames, days=config.server.server_cert_days
+    )
+    return ca, cert
+
+
+def bind_listeners(config: Config, reuse_port: bool) -> tuple[socket.socket, socket.socket | None]:
+    host, port = parse_hostport(config.server.listen)
+    https = bind_socket(host, port, reuse_port)
+    redirect = None
+    if config.server.http_listen:
+        rhost, rport = parse_hostport(config.server.http_listen)
+        try:
+            redirect = bind_socket(rhost, rport, reuse_port)
+        except BaseException:
+            https.close()
+            raise
+    return https, redirect
+
+
+class Gateway:
+    """One process's gateway: serves until stop() and reloads on request."""
+
+    def __init__(self, options: UpOptions, config: Config, data_dir: Path) -> None:
+        self.options = options
+        self.config = config
+        self.data_dir = data_dir
+        self.access_log = AccessLog(config.server.access_log)
+        self.ca: CertificateAuthority | None = None
+        self.server_cert: ServerCertificate | None = None
+        self.ssl_context: ssl.SSLContext | None = None
+        self.state: ServerState | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self.https_port = 0
+        self._stopped = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, https_sock: socket.socket, redirect_sock: socket.socket | None) -> None:
+        self.ca, self.server_cert = prepare_certificates(self.data_dir, self.config)
+        self.ssl_context = server_context(
+            self.config.server.tls_profile, self.server_cert.cert_path, self.server_cert.key_path
+        )
+        self.state = ServerState(self._build_runtime(self.config))
+        self.https_port = https_sock.getsockname()[1]
+        self.servers.append(await serve_https(https_sock, self.ssl_context, self.state))
+        if redirect_sock is not None:
+            self.servers.append(await serve_redirect(redirect_sock, lambda: self.https_port))
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_exception_handler)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+        self._tasks.append(asyncio.ensure_future(self._periodic()))
+
+    def _build_runtime(self, config: Config) -> Runtime:
+        return build_runtime(config, self.access_log)
+
+    async def reload(self) -> bool:
+        """Re-read the config and certificates; on any error keep serving with the old ones."""
+        assert self.state is not None and self.ssl_context is not None
+        try:
+            config = self.options.load_config()
+        except config_mod.ConfigError as exc:
+            log.error("reload refused, keeping the running configuration:\n%s", exc)
+            return False
+        if config.server.listen != self.config.server.listen or (
+            config.server.http_listen != self.config.server.http_listen
+        ):
+            log.warning("listen addresses changed: restart garrison to apply them")
+        if config.server.tls_profile != self.config.server.tls_profile:
+            log.warning("tls_profile changed: restart garrison to apply it")
+        try:
+            self._refresh_certificate(config)
+        except (TLSConfigError, OSError, ValueError) as exc:
+            log.error("reload refused, certificate problem: %s", exc)
+            return False
+        old = self.state.runtime
+        if config.server.access_log != self.config.server.access_log:
+            self.access_log.flush()
+            self.access_log = AccessLog(config.server.access_log)
+        else:
+            self.access_log.reopen()
+        self.state.runtime = self._build_runtime(config)
+        self.config = config
+        old.close()
+        log.info("configuration reloaded")
+        return True
+
+    def _refresh_certificate(self, config: Config) -> None:
+        assert self.ca is not None and self.ssl_context is not None
+        cert = ensure_server_certificate(
+            self.data_dir, self.ca, config.server.hostnames, days=config.server.server_cert_days
+        )
+        if (
+            self.server_cert is None
+            or cert.reissued
+            or cert.not_after != self.server_cert.not_after
+        ):
+            reload_context(self.ssl_context, cert.cert_path, cert.key_path)
+            log.info(
+                "server certificate loaded: %s, valid until %s",
+                ", ".join(cert.names),
+                cert.not_after.isoformat(),
+            )
+        self.server_cert = cert
+
+    async def _periodic(self) -> None:
+        elapsed = 0.0
+        while True:
+            await asyncio.sleep(POOL_SWEEP_SECONDS)
+            elapsed += POOL_SWEEP_SECONDS
+            if self.state is not None:
+                for pool in self.state.runtime.pools.values():
+                    pool.sweep(POOL_MAX_IDLE_AGE)
+            if elapsed >= CERT_CHECK_SECONDS:
+                elapsed = 0.0
+                try:
+                    self._refresh_certificate(self.config)
+                except Exception as exc:  # keep serving with the current certificate
+                    log.error("server certificate renewal failed: %s", exc)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded grace), then return."""
+        if self._stopped.is_set() or self.state is None:
+            self._stopped.set()
+            return
+        for server in self.servers:
+            server.close()
+        grace = self.config.server.timeouts.shutdown_grace
+        clean = await drain(self.state, grace)
+        if not clean:
+            log.warning("shutdown grace of %gs ran out; remaining connections closed", grace)
+        for task in self._tasks:
+            task.cancel()
+        self.state.runtime.close()
+        self.access_log.flush()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def _quiet_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    """TLS handshake failures and resets from clients are normal traffic, not errors."""
+    exc = context.get("exception")
+    if isinstance(exc, ssl.SSLError | ConnectionResetError | BrokenPipeError | TimeoutError):
+        log.debug("connection error: %s", exc)
+        return
+    message = str(context.get("message", ""))
+    if "SSL handshake" in message or "handshake" in message.lower():
+        log.debug("%s", message)
+        return
+    loop.default_exception_handler(context)

@@ -1,0 +1,341 @@
+"""Client side of the data plane: one asyncio Protocol per client connection.
+
+llhttp (httptools) parses; this module owns the few framing decisions a proxy must make: reject
+what llhttp tolerates but a proxy must not, enforce limits and timeouts, run the pipeline, then
+relay the request body and the response as they arrive, with backpressure both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from garrison.http import wire
+from garrison.http.relay import InFlight
+from garrison.pipeline.exchange import Exchange, Reply, error_reply
+
+if TYPE_CHECKING:
+    from garrison.http.server import ServerState
+
+DOWNSTREAM_WRITE_HIGH = 256 * 1024
+MAX_URL = 8192
+BODY_BUFFER_HIGH = 1024 * 1024
+
+
+class Reject(Exception):
+    """Raised inside parser callbacks: answer with this error and close the connection."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class DownstreamProtocol(asyncio.Protocol):
+    """One client connection: parse requests, answer them in order, relay bodies."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer_ip = ""
+        self.closed = False
+        self.current: InFlight | None = None
+        self.parsing: InFlight | None = None
+        self.queue: deque[InFlight] = deque()
+        self._pause_reasons: set[str] = set()
+        self._write_paused = False
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._hosts = 0
+        self._content_length: int | None = None
+        self._chunked = False
+        self._expect_continue = False
+        self._upgrade: bytes | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._tunnel_pending: list[bytes] = []
+        self.tunnel_target: InFlight | None = None
+
+    # -- connection lifecycle -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if peer else ""
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=DOWNSTREAM_WRITE_HIGH)
+        self.state.connections.add(self)
+        self._arm_timer(self.state.runtime.timeouts.header_read)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.state.connections.discard(self)
+        self._cancel_timer()
+        for inflight in (self.current, self.parsing, *self.queue):
+            if inflight is not None:
+                inflight.client_gone()
+        self.queue.clear()
+        self.current = self.parsing = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel_target is not None:
+            self.tunnel_target.tunnel_to_upstream(data)
+            return
+        if self._upgrade is not None and self.parsing is None and self.current is not None:
+            self._tunnel_pending.append(data)  # bytes after an Upgrade request, before the 101
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            rest = data[upgrade.args[0] :]
+            if rest:
+                self._tunnel_pending.append(rest)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, Reject):
+                self._reject(cause.status, cause.code, str(cause))
+            else:
+                self._reject(400, "bad_request", "the request could not be processed")
+                self.state.log_internal_error(cause or exc)
+        except httptools.HttpParserError as exc:
+            self._reject(400, "malformed_request", f"malformed HTTP request: {_parser_reason(exc)}")
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.current is not None:
+            self.current.client_pause(True)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.current is not None:
+            self.current.client_pause(False)
+
+    def eof_received(self) -> bool:
+        # A half-closed client may still be waiting for its answer; keep the socket open.
+        return self.current is not None
+
+    # -- llhttp callbacks -----------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        self._hosts = 0
+        self._content_length = None
+        self._chunked = False
+        self._expect_continue = False
+        self._upgrade = None
+        if self.current is None:
+            self._arm_timer(self.state.runtime.timeouts.header_read)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_URL:
+            raise Reject(414, "uri_too_long", f"request target longer than {MAX_URL} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        runtime = self.state.runtime
+        self._header_bytes += len(name) + len(value) + 4
+        if (
+            self._header_bytes > runtime.max_header_bytes
+            or len(self._headers) >= runtime.max_headers
+        ):
+            raise Reject(431, "headers_too_large", "request header block too large")
+        name = name.lower()
+        if name == b"host":
+            self._hosts += 1
+        elif name == b"content-length":
+            self._content_length = int(value)
+        elif name == b"transfer-encoding":
+            self._chunked = True
+        elif name == b"expect":
+            if value.lower() != b"100-continue":
+                raise Reject(417, "expectation_failed", "only Expect: 100-continue is supported")
+            self._expect_continue = True
+        elif name == b"upgrade":
+            self._upgrade = value
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        runtime = self.state.runtime
+        parser = self.parser
+        method = parser.get_method().decode("ascii", "replace")
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise Reject(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1 are supported")
+        if self._chunked and version == "1.0":
+            raise Reject(
+                400, "chunked_on_http10", "chunked transfer coding is not allowed on HTTP/1.0"
+            )
+        if method == "CONNECT":
+            raise Reject(405, "method_not_allowed", "CONNECT is not supported")
+        if self._hosts != 1 and (version == "1.1" or self._hosts > 1):
+            raise Reject(400, "bad_host", "exactly one Host header is required")
+        if self._content_length is not None and self._content_length > runtime.max_body:
+            raise Reject(
+                413, "body_too_large", f"request body larger than {runtime.max_body} bytes"
+            )
+        upgrade = self._upgrade if parser.should_upgrade() else None
+        has_body = self._chunked or bool(self._content_length)
+        ex = Exchange(
+            method=method,
+            target=self._url,
+            version=version,
+            headers=self._headers,
+            peer_ip=self.peer_ip,
+            started=time.monotonic(),
+        )
+        inflight = InFlight(
+            self,
+            ex,
+            has_body=has_body,
+            chunked=self._chunked,
+            content_length=self._content_length,
+            expect_continue=self._expect_continue,
+            upgrade=upgrade,
+            keep_alive=parser.should_keep_alive(),
+        )
+        self.parsing = inflight
+        if self.current is None:
+            self._cancel_timer()
+            self.current = inflight
+            inflight.start()
+        else:
+            self.queue.append(inflight)
+            self.pause("pipelined")
+
+    def on_body(self, body: bytes) -> None:
+        inflight = self.parsing
+        if inflight is None:
+            return
+        if inflight.body_received + len(body) > self.state.runtime.max_body:
+            raise Reject(413, "body_too_large", "request body larger than the limit")
+        inflight.request_body(body)
+
+    def on_message_complete(self) -> None:
+        inflight = self.parsing
+        self.parsing = None
+        if inflight is not None:
+            inflight.request_complete()
+
+    # -- used by InFlight ---------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def pause(self, reason: str) -> None:
+        if not self._pause_reasons and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._pause_reasons.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason not in self._pause_reasons:
+            return
+        self._pause_reasons.discard(reason)
+        if not self._pause_reasons and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    @property
+    def write_paused(self) -> bool:
+        return self._write_paused
+
+    def send_reply(self, reply: Reply, close: bool, head_only: bool = False) -> None:
+        self.write(wire.reply_bytes(reply, self.state.runtime.security_headers, close, head_only))
+        if close:
+            self.close()
+
+    def finished(self, inflight: InFlight, close: bool) -> None:
+        """The response of `inflight` was written whole: close, or go on with the next request."""
+        if self.current is not inflight:
+            return
+        self.current = None
+        if close or self.state.draining or self.closed:
+            self.close()
+            return
+        if self.queue:
+            nxt = self.queue.popleft()
+            self.current = nxt
+            if not self.queue:
+                self.resume("pipelined")
+            nxt.start()
+            return
+        self._arm_timer(self.state.runtime.timeouts.keepalive_idle)
+
+    def start_tunnel(self, inflight: InFlight) -> None:
+        """After the upstream's 101: bytes flow both ways untouched."""
+        self.tunnel_target = inflight
+        self._cancel_timer()
+        pending, self._tunnel_pending = self._tunnel_pending, []
+        for data in pending:
+            inflight.tunnel_to_upstream(data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+    def drain_idle(self) -> None:
+        """Graceful shutdown: close now if no request is in progress."""
+        if self.current is None and self.parsing is None:
+            self.close()
+
+    # -- internals ------------------------------------------------------------------------------
+    def _reject(self, status: int, code: str, message: str) -> None:
+        """A request that must not go on: answer (if nothing was sent yet) and close."""
+        inflight = self.parsing or self.current
+        if inflight is not None and inflight.response_started:
+            self.abort()
+            if inflight is not None:
+                inflight.client_gone()
+            return
+        for pending in (self.current, self.parsing, *self.queue):
+            if pending is not None:
+                pending.cancel()
+        self.queue.clear()
+        self.current = self.parsing = None
+        ex = Exchange("-", self._url, "1.1", self._headers, self.peer_ip, started=time.monotonic())
+        ex.stage = "parse"
+        reply = error_reply(status, code, message, html=ex.wants_html())
+        self.state.runtime.access_log.reply(ex, reply, self.state.runtime)
+        self.send_reply(reply, close=True)
+
+    def _arm_timer(self, timeout: float) -> None:
+        self._deadline = time.monotonic() + timeout
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(timeout, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        self._deadline = 0.0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._deadline or self.closed:
+            return
+        left = self._deadline - time.monotonic()
+        if left > 0:
+            self._timer = asyncio.get_running_loop().call_later(left, self._on_timer)
+            return
+        if self.current is None and self._url == b"" and not self._headers:
+            self.close()  # idle keep-alive connection, or nothing sent after the handshake
+        elif self.current is None:
+            self._reject(408, "request_timeout", "the request headers took too long to arrive")
+
+
+def _parser_reason(exc: Exception) -> str:
+    text = str(exc)
+    return text[:120] if text else type(exc).__name__

@@ -1,0 +1,144 @@
+"""Bytes on the wire: serialising request and response heads, and chunked framing.
+
+We never forward raw client bytes: every head is rebuilt from what llhttp parsed, with hop-by-hop
+headers dropped and one framing (Content-Length or chunked) chosen by us on each side.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from garrison.pipeline.exchange import Headers, Reply
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) plus the ones whose value we always set ourselves.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"expect",
+        b"host",
+        b"http2-settings",
+    }
+)
+
+# Identity and forwarding headers a client must never be able to set (DESIGN §5.2).
+SPOOFABLE_PREFIXES = (b"x-forwarded-", b"x-ssl-client-", b"x-garrison-")
+SPOOFABLE = frozenset({b"x-real-ip", b"forwarded", b"x-client-ip", b"true-client-ip"})
+
+_REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+def reason(status: int) -> bytes:
+    return _REASONS.get(status, b"Unknown")
+
+
+def connection_tokens(headers: Headers) -> frozenset[bytes]:
+    """Header names listed in Connection: they are hop-by-hop for this message."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens)
+
+
+def request_head(
+    method: str,
+    target: bytes,
+    host: bytes,
+    headers: Headers,
+    extra: Headers,
+    framing: bytes,
+    upgrade: bytes | None,
+) -> bytes:
+    """The head sent upstream: client headers minus hop-by-hop and spoofable ones, plus ours."""
+    listed = connection_tokens(headers) if any(n == b"connection" for n, _ in headers) else ()
+    parts = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
+    for name, value in headers:
+        if name in HOP_BY_HOP or name in SPOOFABLE or name.startswith(SPOOFABLE_PREFIXES):
+            continue
+        if listed and name in listed:
+            continue
+        parts += [name, b": ", value, b"\r\n"]
+    for name, value in extra:
+        parts += [name, b": ", value, b"\r\n"]
+    if upgrade is not None:
+        parts += [b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n"]
+    parts += [framing, b"\r\n"]
+    return b"".join(parts)
+
+
+def response_head(
+    status: int,
+    reason_phrase: bytes,
+    headers: Headers,
+    security: Headers,
+    framing: bytes,
+    close: bool,
+    upgrade: bytes | None = None,
+) -> bytes:
+    """The head sent to the client: upstream headers minus hop-by-hop, plus security headers.
+
+    Security headers the upstream already set (other than HSTS, which the gateway owns) are kept.
+    """
+    listed = connection_tokens(headers) if any(n == b"connection" for n, _ in headers) else ()
+    parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason_phrase or reason(status), b"\r\n"]
+    present: set[bytes] = set()
+    for name, value in headers:
+        if (
+            name in HOP_BY_HOP
+            or (listed and name in listed)
+            or name == b"strict-transport-security"
+        ):
+            continue
+        present.add(name)
+        parts += [name, b": ", value, b"\r\n"]
+    for name, value in security:
+        if name not in present:
+            parts += [name, b": ", value, b"\r\n"]
+    if upgrade is not None:
+        parts += [b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n"]
+    elif close:
+        parts.append(b"connection: close\r\n")
+    parts += [framing, b"\r\n"]
+    return b"".join(parts)
+
+
+def reply_bytes(reply: Reply, security: Headers, close: bool, head_only: bool) -> bytes:
+    """A complete response for a Reply produced by the gateway itself."""
+    parts = [
+        b"HTTP/1.1 ",
+        str(reply.status).encode(),
+        b" ",
+        reason(reply.status),
+        b"\r\ncontent-type: ",
+        reply.content_type,
+        b"\r\ncontent-length: ",
+        str(len(reply.body)).encode(),
+        b"\r\ncache-control: no-store\r\n",
+    ]
+    for name, value in reply.headers:
+        parts += [name, b": ", value, b"\r\n"]
+    for name, value in security:
+        parts += [name, b": ", value, b"\r\n"]
+    if close:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head_only:
+        parts.append(reply.body)
+    return b"".join(parts)
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

@@ -1,0 +1,62 @@
+"""The pipeline runner: stages in order, the first Reply ends the request.
+
+A stage returns None (go on), a Reply (answer now) or an awaitable of either. Stages that can
+decide at once return directly, so the common request runs the whole pipeline without creating
+a coroutine or a Task; only a stage that must wait pays for it (see docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+from garrison.pipeline.exchange import Exchange, Reply
+
+StageResult = Reply | None | Awaitable[Reply | None]
+
+
+class Stage:
+    """Base for stages: a name (for logs: which stage refused) and a call."""
+
+    name = "stage"
+
+    def __call__(self, ex: Exchange) -> StageResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Pipeline:
+    """An ordered, immutable list of stages, built once per configuration."""
+
+    def __init__(self, stages: Sequence[Stage | Callable[[Exchange], StageResult]]) -> None:
+        self.stages = tuple(stages)
+
+    def run(self, ex: Exchange) -> StageResult:
+        """Run every stage; return None when the request should be proxied."""
+        for index, stage in enumerate(self.stages):
+            result = stage(ex)
+            if result is None:
+                continue
+            if isinstance(result, Reply):
+                ex.stage = _name(stage)
+                return result
+            return self._run_async(ex, result, index)
+        return None
+
+    async def _run_async(
+        self, ex: Exchange, pending: Awaitable[Reply | None], index: int
+    ) -> Reply | None:
+        result = await pending
+        if result is not None:
+            ex.stage = _name(self.stages[index])
+            return result
+        for stage in self.stages[index + 1 :]:
+            step = stage(ex)
+            if step is not None and not isinstance(step, Reply):
+                step = await step
+            if step is not None:
+                ex.stage = _name(stage)
+                return step
+        return None
+
+
+def _name(stage: object) -> str:
+    return getattr(stage, "name", type(stage).__name__)

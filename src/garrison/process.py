@@ -1,0 +1,205 @@
+"""Running `garrison up`: one process, or a supervisor with N workers sharing the ports.
+
+With `--workers N` the supervisor binds each address once without listening (this fixes the
+port, also when 0 was asked for), then forks N workers that each bind and listen on the same
+port with SO_REUSEPORT, so the kernel spreads connections over them. The supervisor forwards
+SIGHUP and SIGTERM, restarts a worker that dies, and exits 0 after a clean drain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import uvloop
+
+from garrison.config import Config, parse_hostport
+from garrison.gateway import Gateway, UpOptions, bind_listeners
+from garrison.http.server import bind_socket
+
+log = logging.getLogger("garrison")
+
+
+def say(message: str) -> None:
+    """A line for the operator on stdout (tests and scripts read these)."""
+    print(f"garrison: {message}", flush=True)
+
+
+def _format_address(sock: socket.socket) -> tuple[str, int]:
+    host, port = sock.getsockname()[:2]
+    return (f"[{host}]" if ":" in host else host), port
+
+
+def announce(https: socket.socket, redirect: socket.socket | None) -> None:
+    host, port = _format_address(https)
+    say(f"listening on https://{host}:{port}")
+    if redirect is not None:
+        rhost, rport = _format_address(redirect)
+        say(f"redirect listener on http://{rhost}:{rport}")
+
+
+def run_single(options: UpOptions, config: Config, data_dir: Path) -> int:
+    https, redirect = bind_listeners(config, reuse_port=False)
+    return uvloop.run(_serve(options, config, data_dir, https, redirect, _announce_single))
+
+
+def _announce_single(https: socket.socket, redirect: socket.socket | None) -> None:
+    announce(https, redirect)
+    say("ready (1 worker)")
+
+
+async def _serve(
+    options: UpOptions,
+    config: Config,
+    data_dir: Path,
+    https: socket.socket,
+    redirect: socket.socket | None,
+    on_ready: Callable[[socket.socket, socket.socket | None], None],
+) -> int:
+    gateway = Gateway(options, config, data_dir)
+    await gateway.start(https, redirect)
+    on_ready(https, redirect)
+    await gateway.wait_stopped()
+    return 0
+
+
+def _reserve(address: str) -> socket.socket:
+    """Bind without listening: fixes the port for the workers, takes no connections itself."""
+    host, port = parse_hostport(address)
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(addr)
+    return sock
+
+
+class Supervisor:
+    """Forks and watches the workers."""
+
+    def __init__(self, options: UpOptions, config: Config, data_dir: Path, workers: int) -> None:
+        self.options = options
+        self.config = config
+        self.data_dir = data_dir
+        self.count = workers
+        self.children: dict[int, int] = {}  # pid -> worker index
+        self.stopping = False
+        self.https_addr = ""
+        self.redirect_addr: str | None = None
+
+    def run(self) -> int:
+        https = _reserve(self.config.server.listen)
+        redirect = (
+            _reserve(self.config.server.http_listen) if self.config.server.http_listen else None
+        )
+        host, port = _format_address(https)
+        self.https_addr = f"{host.strip('[]')}:{port}" if ":" not in host else f"{host}:{port}"
+        if redirect is not None:
+            rhost, rport = _format_address(redirect)
+            self.redirect_addr = f"{rhost}:{rport}"
+        read_fd, write_fd = os.pipe()
+        signal.signal(signal.SIGHUP, self._forward)
+        signal.signal(signal.SIGTERM, self._terminate)
+        signal.signal(signal.SIGINT, self._terminate)
+        for index in range(self.count):
+            self._spawn(index, write_fd)
+        ready = 0
+        deadline = time.monotonic() + 60
+        while ready < self.count and time.monotonic() < deadline and not self.stopping:
+            try:
+                chunk = os.read(read_fd, self.count - ready)
+            except InterruptedError:
+                continue
+            ready += chunk.count(b"R")
+        if ready < self.count:
+            log.error("workers did not start")
+            self._terminate(signal.SIGTERM, None)
+        else:
+            announce(https, redirect)
+            say(f"ready ({self.count} workers)")
+        code = self._watch(write_fd)
+        os.close(read_fd)
+        https.close()
+        if redirect is not None:
+            redirect.close()
+        return code
+
+    def _spawn(self, index: int, ready_fd: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            code = 1
+            try:
+                code = self._worker(ready_fd)
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.children[pid] = index
+
+    def _worker(self, ready_fd: int) -> int:
+        https = bind_socket(*parse_hostport(self.https_addr), reuse_port=True)
+        redirect = None
+        if self.redirect_addr is not None:
+            redirect = bind_socket(*parse_hostport(self.redirect_addr), reuse_port=True)
+
+        def ready(_https: socket.socket, _redirect: socket.socket | None) -> None:
+            os.write(ready_fd, b"R")
+
+        return uvloop.run(_serve(self.options, self.config, self.data_dir, https, redirect, ready))
+
+    def _forward(self, signum: int, _frame: object) -> None:
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def _terminate(self, signum: int, _frame: object) -> None:
+        self.stopping = True
+        self._forward(signal.SIGTERM, None)
+
+    def _watch(self, ready_fd: int) -> int:
+        failures = 0
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            index = self.children.pop(pid, None)
+            if index is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                continue
+            failures += 1
+            log.error("worker %d exited with %s; restarting", index, code)
+            time.sleep(min(5.0, 0.2 * failures))
+            self._spawn(index, ready_fd)
+        return 0
+
+
+def run(options: UpOptions, config: Config, data_dir: Path) -> int:
+    if options.workers <= 1:
+        return run_single(options, config, data_dir)
+    return Supervisor(options, config, data_dir, options.workers).run()
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("GARRISON_LOG_LEVEL", "INFO").upper(),
+        format="garrison: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )

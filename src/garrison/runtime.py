@@ -1,0 +1,81 @@
+"""What one configuration generation needs at request time, built once (at start and on reload).
+
+Connections read `state.runtime` per request, so a reload swaps everything atomically while
+requests already in flight finish with the generation they started with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from garrison.config import Config, TimeoutsConfig
+from garrison.http.upstream import UpstreamPool
+from garrison.observe.accesslog import AccessLog
+from garrison.pipeline.endpoints import GatewayEndpoints
+from garrison.pipeline.exchange import Headers
+from garrison.pipeline.forwarding import Forwarding
+from garrison.pipeline.pipeline import Pipeline
+from garrison.pipeline.routes import RouteTable
+from garrison.pipeline.routing import RouteMatch
+from garrison.pipeline.target import RequestTarget
+
+
+@dataclass(slots=True)
+class Runtime:
+    config: Config
+    pipeline: Pipeline
+    pools: dict[str, UpstreamPool]
+    security_headers: Headers
+    timeouts: TimeoutsConfig
+    max_body: int
+    max_header_bytes: int
+    max_headers: int
+    access_log: AccessLog
+    endpoints: GatewayEndpoints
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+
+def security_headers(config: Config) -> Headers:
+    server = config.server
+    hsts = b"max-age=%d" % int(server.hsts_max_age)
+    if server.hsts_include_subdomains:
+        hsts += b"; includeSubDomains"
+    headers: Headers = [(b"strict-transport-security", hsts)] if server.hsts_max_age else []
+    headers.append((b"x-content-type-options", b"nosniff"))
+    headers.append((b"referrer-policy", server.referrer_policy.encode()))
+    return headers
+
+
+def build_runtime(config: Config, access_log: AccessLog) -> Runtime:
+    """Build the pipeline and pools for `config` (the request path's shape lives here)."""
+    pools = {
+        u.name: UpstreamPool(
+            u.name, u.host, u.port, config.server.timeouts.upstream_connect, u.max_idle_connections
+        )
+        for u in config.upstream
+    }
+    endpoints = GatewayEndpoints()
+    pipeline = Pipeline(
+        [
+            RequestTarget(),
+            endpoints,
+            RouteMatch(RouteTable(config.route)),
+            # identify, authorise and limit stages plug in here (later issues)
+            Forwarding(config.server.trusted_proxies),
+        ]
+    )
+    return Runtime(
+        config=config,
+        pipeline=pipeline,
+        pools=pools,
+        security_headers=security_headers(config),
+        timeouts=config.server.timeouts,
+        max_body=config.server.max_body,
+        max_header_bytes=config.server.max_header_bytes,
+        max_headers=config.server.max_headers,
+        access_log=access_log,
+        endpoints=endpoints,
+    )
