@@ -36,9 +36,9 @@ class GatewayProcess:
             self.config_path = data_dir.parent / f"{data_dir.name}.toml"
             self.config_path.write_text(config_text)
             cmd += ["--config", str(self.config_path)]
-        if not any(a.startswith("--listen") for a in args) and "--config" not in args:
-            if config_text is None or "listen" not in config_text:
-                cmd += ["--listen", "127.0.0.1:0"]
+        explicit_listen = any(a.startswith("--listen") for a in args)
+        if not explicit_listen and (config_text is None or "listen" not in config_text):
+            cmd += ["--listen", "127.0.0.1:0"]
         cmd += args
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
