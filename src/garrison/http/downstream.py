@@ -62,6 +62,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self._deadline = 0.0
         self._tunnel_pending: list[bytes] = []
         self.tunnel_target: InFlight | None = None
+        self._corked: list[bytes] | None = None
+        self._start_pending = False
 
     # -- connection lifecycle -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -99,6 +101,7 @@ class DownstreamProtocol(asyncio.Protocol):
             if rest:
                 self._tunnel_pending.append(rest)
         except httptools.HttpParserCallbackError as exc:
+            self._start_pending = False
             cause = exc.__context__
             if isinstance(cause, Reject):
                 self._reject(cause.status, cause.code, str(cause))
@@ -106,7 +109,13 @@ class DownstreamProtocol(asyncio.Protocol):
                 self._reject(400, "bad_request", "the request could not be processed")
                 self.state.log_internal_error(cause or exc)
         except httptools.HttpParserError as exc:
+            self._start_pending = False
             self._reject(400, "malformed_request", f"malformed HTTP request: {_parser_reason(exc)}")
+        if self._start_pending and self.current is not None:
+            # Started after the whole chunk was parsed: a body that came with the head goes
+            # upstream in the same write as the head.
+            self._start_pending = False
+            self.current.start()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -206,7 +215,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.current is None:
             self._cancel_timer()
             self.current = inflight
-            inflight.start()
+            self._start_pending = True
         else:
             self.queue.append(inflight)
             self.pause("pipelined")
@@ -227,8 +236,20 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # -- used by InFlight ---------------------------------------------------------------------
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
+        if self._corked is not None:
+            self._corked.append(data)
+        elif self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def cork(self) -> None:
+        """Collect writes until uncork(): one TLS record and one syscall instead of several."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        pending, self._corked = self._corked, None
+        if pending and self.transport is not None and not self.closed:
+            self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def pause(self, reason: str) -> None:
         if not self._pause_reasons and self.transport is not None and not self.closed:
@@ -278,10 +299,12 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
+            self.uncork()
             self.closed = True
             self.transport.close()
 
     def abort(self) -> None:
+        self._corked = None
         if self.transport is not None:
             self.closed = True
             self.transport.abort()

@@ -149,16 +149,23 @@ class InFlight:
         head = wire.request_head(
             ex.method, ex.upstream_target, host, ex.headers, ex.upstream_headers, framing, upgrade
         )
-        self.upstream_started = time.monotonic()
-        conn.send(head, self, ex.method == "HEAD", self.runtime.timeouts.upstream_idle)
+        pieces = [head]
         if self._buffer:
-            for piece in self._buffer:
-                self._send_body(piece)
+            pieces += [wire.chunk(p) for p in self._buffer] if self.chunked else self._buffer
             self._buffer.clear()
             self._buffered = 0
             self.down.resume("body")
+        if self.body_done and self.chunked:
+            pieces.append(wire.LAST_CHUNK)
+        self.upstream_started = time.monotonic()
+        conn.send(
+            pieces[0] if len(pieces) == 1 else b"".join(pieces),
+            self,
+            ex.method == "HEAD",
+            self.runtime.timeouts.upstream_idle,
+        )
         if self.body_done:
-            self._end_body()
+            conn.end_request()
         if self.down.write_paused:
             conn.pause_reading(True)
 
@@ -276,6 +283,12 @@ class InFlight:
     def on_tunnel_data(self, data: bytes) -> None:
         self.bytes_out += len(data)
         self.down.write(data)
+
+    def cork(self) -> None:
+        self.down.cork()
+
+    def uncork(self) -> None:
+        self.down.uncork()
 
     def on_upstream_pause(self, paused: bool) -> None:
         if paused:

@@ -41,6 +41,8 @@ class ResponseSink(Protocol):
     def on_response_end(self) -> None: ...
     def on_upstream_failed(self, error: UpstreamError, response_started: bool) -> None: ...
     def on_tunnel_data(self, data: bytes) -> None: ...
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
     def on_upstream_pause(self, paused: bool) -> None: ...
 
 
@@ -65,6 +67,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._tunnel = False
         self._last_activity = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._reading_paused = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -83,6 +86,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._tunnel:
             sink.on_tunnel_data(data)
             return
+        sink.cork()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -92,6 +96,8 @@ class UpstreamConnection(asyncio.Protocol):
                 sink.on_tunnel_data(rest)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError("bad_response", f"invalid response from upstream: {exc}"))
+        finally:
+            sink.uncork()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
@@ -170,6 +176,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
+            self._last_activity = time.monotonic()  # a long upload is activity too
             self.transport.write(data)
 
     def end_request(self) -> None:
@@ -178,6 +185,7 @@ class UpstreamConnection(asyncio.Protocol):
     def pause_reading(self, paused: bool) -> None:
         if self.transport is None or self.transport.is_closing():
             return
+        self._reading_paused = paused
         if paused:
             self.transport.pause_reading()
         else:
@@ -193,7 +201,8 @@ class UpstreamConnection(asyncio.Protocol):
     # -- internals ------------------------------------------------------------------------------
     def _finish(self, reusable: bool) -> None:
         self._complete = True
-        self._cancel_timer()
+        if not reusable:
+            self._cancel_timer()
         sink, self.sink = self.sink, None
         if reusable:
             self.pool.release(self)
@@ -210,14 +219,18 @@ class UpstreamConnection(asyncio.Protocol):
             sink.on_upstream_failed(error, started)
 
     def _arm_idle(self, timeout: float) -> None:
-        self._cancel_timer()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(timeout, self._check_idle, timeout)
+        # Lazy: a timer left from the previous request is re-checked against _last_activity
+        # when it fires, so keep-alive requests do not pay for a new TimerHandle each.
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(timeout, self._check_idle, timeout)
 
     def _check_idle(self, timeout: float) -> None:
         self._timer = None
         if self.sink is None or self._tunnel:
             return
+        if self._reading_paused:
+            self._last_activity = time.monotonic()  # the client is slow, not the upstream
         quiet = time.monotonic() - self._last_activity
         if quiet >= timeout:
             self._fail(UpstreamError("idle_timeout", f"upstream sent nothing for {timeout:g}s"))
