@@ -60,6 +60,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._upgrade: bytes | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
+        self._timer_at = 0.0
         self._tunnel_pending: list[bytes] = []
         self.tunnel_target: InFlight | None = None
         self._corked: list[bytes] | None = None
@@ -336,7 +337,13 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _arm_timer(self, timeout: float) -> None:
         self._deadline = time.monotonic() + timeout
+        if self._timer is not None and self._timer_at > self._deadline:
+            # A shorter deadline than the pending timer (header_read after keepalive_idle):
+            # fire on time, or a slow header sender on a kept-alive connection gets the idle time.
+            self._timer.cancel()
+            self._timer = None
         if self._timer is None:
+            self._timer_at = self._deadline
             self._timer = asyncio.get_running_loop().call_later(timeout, self._on_timer)
 
     def _cancel_timer(self) -> None:
@@ -351,6 +358,7 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         left = self._deadline - time.monotonic()
         if left > 0:
+            self._timer_at = self._deadline
             self._timer = asyncio.get_running_loop().call_later(left, self._on_timer)
             return
         if self.current is None and self._url == b"" and not self._headers:
