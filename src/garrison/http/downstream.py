@@ -69,6 +69,7 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- connection lifecycle -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
+        self._loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
         sock = transport.get_extra_info("socket")
@@ -164,6 +165,9 @@ class DownstreamProtocol(asyncio.Protocol):
         elif name == b"content-length":
             self._content_length = int(value)
         elif name == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                # "gzip, chunked" would reach the upstream re-chunked but without its gzip.
+                raise Reject(501, "unsupported_transfer_coding", "only chunked is supported")
             self._chunked = True
         elif name == b"expect":
             if value.lower() != b"100-continue":
