@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 from garrison.pipeline.exchange import Exchange, Reply, error_reply
 from garrison.pipeline.paths import BadPath, normalise_path, split_target, target_host
 from garrison.pipeline.pipeline import Stage
+
+# uri-host [":" port] (RFC 9112 3.2): a bracketed IP literal or a plain name/IPv4. Anything else
+# ("a b", "evil/x", "user@host", empty) is refused, so it never reaches X-Forwarded-Host.
+_VALID_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::[0-9]{1,5})?").fullmatch
 
 
 class RequestTarget(Stage):
@@ -31,6 +37,8 @@ class RequestTarget(Stage):
                 )
             host = absolute if host is None else host
         if host is not None:
+            if not _VALID_HOST(host):
+                return error_reply(400, "bad_host", "invalid Host header", html=ex.wants_html())
             try:
                 ex.host = host.decode("ascii")
             except UnicodeDecodeError:
