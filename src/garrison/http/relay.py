@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from garrison.runtime import Runtime
 
 BODY_BUFFER_HIGH = 1024 * 1024
+# Like nginx: after these the client's next bytes are not worth reading on this connection.
+CLOSE_AFTER = frozenset({400, 408, 413, 414, 431, 500, 501})
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _UPSTREAM_STATUS = {
     "connect_refused": (502, "upstream_unavailable"),
@@ -341,6 +343,7 @@ class InFlight:
             self._closing()
             or self.upgrade is not None
             or (reply.status >= 500 and not self.body_done)
+            or reply.status in CLOSE_AFTER
         )
         self.runtime.access_log.reply(self.ex, reply, self.runtime)
         self.down.send_reply(reply, close=close, head_only=self.ex.method == "HEAD")
