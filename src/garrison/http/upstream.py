@@ -125,7 +125,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- llhttp callbacks -----------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        name = name.lower()
+        if name == b"content-length" or name == b"transfer-encoding":
+            self._framed = True
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -133,10 +136,10 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             self._informational = True  # 100 Continue, 103 Early Hints: not forwarded
             self._headers = []
+            self._framed = False
             return
         self._head_seen = True
         headers, self._headers = self._headers, []
-        self._framed = any(n in (b"content-length", b"transfer-encoding") for n, _ in headers)
         if self.sink is not None:
             self.sink.on_response_head(status, b"", headers, status == 101)
         if self._head_request or status in (204, 304):

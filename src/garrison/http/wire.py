@@ -49,6 +49,13 @@ def connection_tokens(headers: Headers) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
+def _listed(headers: Headers) -> frozenset[bytes] | tuple[()]:
+    for name, _ in headers:
+        if name == b"connection":
+            return connection_tokens(headers)
+    return ()
+
+
 def request_head(
     method: str,
     target: bytes,
@@ -59,7 +66,7 @@ def request_head(
     upgrade: bytes | None,
 ) -> bytes:
     """The head sent upstream: client headers minus hop-by-hop and spoofable ones, plus ours."""
-    listed = connection_tokens(headers) if any(n == b"connection" for n, _ in headers) else ()
+    listed = _listed(headers)
     parts = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
     for name, value in headers:
         if name in HOP_BY_HOP or name in SPOOFABLE or name.startswith(SPOOFABLE_PREFIXES):
@@ -88,7 +95,7 @@ def response_head(
 
     Security headers the upstream already set (other than HSTS, which the gateway owns) are kept.
     """
-    listed = connection_tokens(headers) if any(n == b"connection" for n, _ in headers) else ()
+    listed = _listed(headers)
     parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason_phrase or reason(status), b"\r\n"]
     present: set[bytes] = set()
     for name, value in headers:

@@ -48,11 +48,11 @@ class Forwarding(Stage):
         hops = [h.strip().decode("latin-1") for v in xff for h in v.split(b",") if h.strip()]
         client = peer
         for hop in reversed(hops):
-            client = hop
             try:
                 ipaddress.ip_address(hop)
             except ValueError:
-                break  # garbage in the chain: trust nothing to its left
+                break  # garbage in the chain: the last trusted hop is the best we know
+            client = hop
             if not self.is_trusted(hop):
                 break
         chain = ", ".join([*hops, peer]).encode("latin-1")
