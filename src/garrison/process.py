@@ -108,7 +108,7 @@ class Supervisor:
             rhost, rport = _format_address(redirect)
             self.redirect_addr = f"{rhost}:{rport}"
         read_fd, write_fd = os.pipe()
-        signal.signal(signal.SIGHUP, self._forward)
+        signal.signal(signal.SIGHUP, self._reload)
         signal.signal(signal.SIGTERM, self._terminate)
         signal.signal(signal.SIGINT, self._terminate)
         for index in range(self.count):
@@ -137,7 +137,8 @@ class Supervisor:
     def _spawn(self, index: int, ready_fd: int) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
-            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            # Ignored (not default: that kills) until the worker's loop installs its handler.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             code = 1
@@ -150,6 +151,9 @@ class Supervisor:
                 sys.stderr.flush()
                 os._exit(code)
         self.children[pid] = index
+        if self.stopping:  # SIGTERM came while we forked: this one missed the forwarded signal
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     def _worker(self, ready_fd: int) -> int:
         https = bind_socket(*parse_hostport(self.https_addr), reuse_port=True)
@@ -161,6 +165,12 @@ class Supervisor:
             os.write(ready_fd, b"R")
 
         return uvloop.run(_serve(self.options, self.config, self.data_dir, https, redirect, ready))
+
+    def _reload(self, signum: int, frame: object) -> None:
+        """SIGHUP: workers reload; a worker restarted later starts with the new config too."""
+        with contextlib.suppress(Exception):  # the workers log why; keep the last good config
+            self.config = self.options.load_config()
+        self._forward(signum, frame)
 
     def _forward(self, signum: int, _frame: object) -> None:
         for pid in list(self.children):
@@ -187,6 +197,8 @@ class Supervisor:
             failures += 1
             log.error("worker %d exited with %s; restarting", index, code)
             time.sleep(min(5.0, 0.2 * failures))
+            if self.stopping:  # SIGTERM during the back-off: do not start a worker nobody stops
+                continue
             self._spawn(index, ready_fd)
         return 0
 
