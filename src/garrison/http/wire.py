@@ -49,9 +49,13 @@ def connection_tokens(headers: Headers) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade"})
+
+
 def _listed(headers: Headers) -> frozenset[bytes] | tuple[()]:
-    for name, _ in headers:
-        if name == b"connection":
+    """Names listed in Connection, if any beyond the usual keep-alive/close (the common case)."""
+    for name, value in headers:
+        if name == b"connection" and value not in _PLAIN_CONNECTION:
             return connection_tokens(headers)
     return ()
 
