@@ -59,4 +59,5 @@ class Pipeline:
 
 
 def _name(stage: object) -> str:
-    return getattr(stage, "name", type(stage).__name__)
+    """A stage's name for logs: its `name`, else a plain function's own name."""
+    return getattr(stage, "name", None) or getattr(stage, "__name__", type(stage).__name__)
