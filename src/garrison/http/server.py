@@ -160,4 +160,9 @@ async def drain(state: ServerState, grace: float) -> bool:
         await asyncio.sleep(0.05)
     for conn in list(state.connections):
         conn.abort()
+    # Let connection_lost run: the requests cut here still get their access-log line.
+    for _ in range(20):
+        if not state.connections:
+            break
+        await asyncio.sleep(0.005)
     return False
