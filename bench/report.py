@@ -1,0 +1,255 @@
+"""Turns measurements into a Markdown report: medians, ratios, PASS/MISS against the targets."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+from bench.runner import NOISY_CORES, Results
+from bench.targets import LABELS
+
+WORKLOAD_TITLES = {
+    "ka32": "keep-alive GETs, 32 conns",
+    "ka256": "keep-alive GETs, 256 conns",
+    "newconn": "new TLS conn per request",
+    "sse": "SSE streams",
+    "upload": "1 upload",
+}
+# (workload, metric key, label, digits)
+ROWS: tuple[tuple[str, str, str, int], ...] = (
+    ("ka32", "rps", "req/s", 0),
+    ("ka32", "p50_ms", "p50 ms", 2),
+    ("ka32", "p99_ms", "p99 ms", 2),
+    ("ka32", "cpu_us", "proxy CPU µs/req", 0),
+    ("ka256", "rps", "req/s", 0),
+    ("ka256", "p50_ms", "p50 ms", 2),
+    ("ka256", "p99_ms", "p99 ms", 2),
+    ("ka256", "cpu_us", "proxy CPU µs/req", 0),
+    ("newconn", "rps", "handshakes/s", 0),
+    ("newconn", "p50_ms", "p50 ms", 2),
+    ("newconn", "p99_ms", "p99 ms", 2),
+    ("newconn", "cpu_us", "proxy CPU µs/req", 0),
+    ("sse", "mean_ms", "event delay mean ms", 2),
+    ("sse", "p99_ms", "event delay p99 ms", 2),
+    ("sse", "added_mean_ms", "added delay mean ms", 2),
+    ("sse", "added_p99_ms", "added delay p99 ms", 2),
+    ("sse", "rss_mb", "proxy peak RSS MB", 0),
+    ("sse", "cpu_us_event", "proxy CPU µs/event", 0),
+    ("upload", "mb_s", "MB/s", 0),
+    ("upload", "rss_mb", "proxy peak RSS MB", 0),
+    ("upload", "cpu_s", "proxy CPU s", 2),
+)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One target from the issue: a ratio or an absolute value, and its bound."""
+
+    label: str
+    workload: str
+    metric: str
+    target: str
+    versus: str | None  # None: absolute value
+    bound: float
+    at_least: bool
+    unit: str = "x"
+
+
+CHECKS = (
+    *(
+        check
+        for w, c in (("ka32", 32), ("ka256", 256))
+        for check in (
+            Check(
+                f"keep-alive {c}: Garrison / Caddy req/s", w, "rps", "garrison", "caddy", 1.0, True
+            ),
+            Check(
+                f"keep-alive {c}: Garrison / nginx req/s", w, "rps", "garrison", "nginx", 0.45, True
+            ),
+            Check(
+                f"keep-alive {c}: Garrison --workers 2 / nginx req/s",
+                w,
+                "rps",
+                "garrison2",
+                "nginx",
+                0.6,
+                True,
+            ),
+        )
+    ),
+    Check(
+        "new TLS conn: Garrison / nginx handshakes/s",
+        "newconn",
+        "rps",
+        "garrison",
+        "nginx",
+        0.9,
+        True,
+    ),
+    Check(
+        "SSE: Garrison added delay mean",
+        "sse",
+        "added_mean_ms",
+        "garrison",
+        None,
+        1.5,
+        False,
+        " ms",
+    ),
+    Check(
+        "SSE: Garrison added delay p99", "sse", "added_p99_ms", "garrison", None, 6.0, False, " ms"
+    ),
+    Check("upload: Garrison / nginx MB/s", "upload", "mb_s", "garrison", "nginx", 1.0, True),
+    Check("upload: Garrison peak RSS", "upload", "rss_mb", "garrison", None, 120.0, False, " MB"),
+)
+
+
+def _with_added(results: Results) -> None:
+    """Add SSE delay over direct (same repetition) to each proxy's SSE measurements."""
+    sse = results.data.get("sse", {})
+    direct = sse.get("direct")
+    if not direct:
+        return
+    for reps in sse.values():
+        for rep, value in enumerate(reps):
+            base = direct[rep] if rep < len(direct) else None
+            if value is None or base is None:
+                continue
+            for key in ("mean", "p99"):
+                if f"{key}_ms" in value and f"{key}_ms" in base:
+                    value[f"added_{key}_ms"] = value[f"{key}_ms"] - base[f"{key}_ms"]
+
+
+def median(results: Results, workload: str, target: str, metric: str) -> float | None:
+    """The median over repetitions, or None when nothing was measured."""
+    reps = results.data.get(workload, {}).get(target, [])
+    values = [r[metric] for r in reps if r is not None and metric in r]
+    return statistics.median(values) if values else None
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "-"
+
+
+def summary_table(results: Results) -> str:
+    """The main table: one row per metric, one column per target, then the ratios."""
+    names = results.plan.targets
+    head = ["workload", "metric", *names, "G/nginx", "G/Caddy", "G2/nginx"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    last = ""
+    for workload, metric, label, digits in ROWS:
+        if workload not in results.data:
+            continue
+        values = {n: median(results, workload, n, metric) for n in names}
+        if all(v is None for v in values.values()):
+            continue
+        title = WORKLOAD_TITLES[workload] if workload != last else ""
+        last = workload
+        g, g2 = values.get("garrison"), values.get("garrison2")
+        nginx, caddy = values.get("nginx"), values.get("caddy")
+        ratios = [_ratio(g, nginx), _ratio(g, caddy), _ratio(g2, nginx)]
+        if metric.startswith("added_"):
+            ratios = ["-", "-", "-"]
+        cells = [title, label, *(_fmt(values[n], digits) for n in names), *ratios]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def checks_table(results: Results) -> str:
+    """PASS/MISS against the issue's targets (n/a where a side was not measured)."""
+    lines = ["| check | measured | target | result |", "|---|---|---|---|"]
+    for check in CHECKS:
+        value = median(results, check.workload, check.target, check.metric)
+        if check.versus is not None:
+            other = median(results, check.workload, check.versus, check.metric)
+            value = value / other if value is not None and other else None
+        sign = "≥" if check.at_least else "≤"
+        bound = f"{sign} {check.bound:g}{check.unit}"
+        if value is None:
+            lines.append(f"| {check.label} | - | {bound} | n/a |")
+            continue
+        ok = value >= check.bound if check.at_least else value <= check.bound
+        shown = f"{value:.2f}{check.unit}"
+        lines.append(f"| {check.label} | {shown} | {bound} | {'PASS' if ok else 'MISS'} |")
+    return "\n".join(lines)
+
+
+def per_rep_table(results: Results) -> str:
+    """The headline number of each repetition, to show the spread behind each median."""
+    key = {"ka32": "rps", "ka256": "rps", "newconn": "rps", "sse": "mean_ms", "upload": "mb_s"}
+    lines = [
+        "| workload | target | " + " | ".join(f"rep {i + 1}" for i in range(results.plan.reps))
+    ]
+    lines[0] += " |"
+    lines.append("|---|---|" + "---|" * results.plan.reps)
+    for workload, by_target in results.data.items():
+        for name in results.plan.targets:
+            reps = by_target.get(name)
+            if not reps:
+                continue
+            cells = [
+                _fmt(r.get(key[workload]) if r else None, 2 if workload == "sse" else 0)
+                + (" *" if r and r.get("bg_cores", 0.0) > NOISY_CORES else "")
+                for r in reps
+            ]
+            lines.append(f"| {workload} {key[workload]} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render(results: Results, machine: dict[str, str], notes: list[str]) -> str:
+    """The whole Markdown report."""
+    _with_added(results)
+    plan = results.plan
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(results.started))
+    p = plan.params
+    order = " ".join(plan.targets)
+    parts = [
+        f"# Garrison benchmark — {when}{' (quick run)' if plan.quick else ''}",
+        "",
+        "Machine: " + "; ".join(f"{k} {v}" for k, v in machine.items()),
+        "",
+        f"Run: {plan.reps} repetitions, order `{order}` then reversed (A B C … C B A), "
+        f"medians shown; {p.duration:g} s per wrk/hey run; new-conn clients {p.new_conn_clients}; "
+        f"SSE {p.sse_streams} streams x {p.sse_events} events every {p.sse_interval_ms:g} ms; "
+        f"upload {p.upload_bytes / 1024**3:g} GiB. Total {results.seconds / 60:.1f} min.",
+        "",
+        "Targets: " + "; ".join(f"`{n}` = {LABELS[n]}" for n in plan.targets) + ".",
+        "",
+        "## Results",
+        "",
+        summary_table(results),
+        "",
+        "G = Garrison (1 process), G2 = Garrison --workers 2. CPU = user+system time of the "
+        "proxy's whole process tree during the run / requests. RSS in MB (10^6 bytes), summed "
+        "over the tree.",
+        "",
+        "## Against the targets",
+        "",
+        checks_table(results),
+        "",
+        "## TLS served by each target",
+        "",
+        "| target | certificate key | protocol | cipher |",
+        "|---|---|---|---|",
+        *(f"| {n} | {t['key']} | {t['version']} | {t['cipher']} |" for n, t in results.tls.items()),
+        "",
+        "## Repetitions",
+        "",
+        per_rep_table(results),
+        "",
+        f"`*`: other processes used more than {NOISY_CORES} cores during that measurement.",
+        "",
+        "## Notes",
+        "",
+        *(f"- {note}" for note in notes),
+    ]
+    if results.problems:
+        parts += ["", "## Problems", "", *(f"- {p}" for p in results.problems)]
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,112 @@
+"""One measurement of one workload against one target, returning a dict of numbers.
+
+Proxy CPU is the CPU time of the target's whole process tree (master, workers) over the run;
+memory is its tree RSS sampled every ~50 ms. The direct target has no proxy process to measure.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import loadgen
+from bench.procs import RssSampler
+from bench.targets import Target
+
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Params:
+    """Sizes and durations of the workloads."""
+
+    duration: float = 10.0
+    new_conn_clients: int = 32
+    sse_streams: int = 200
+    sse_events: int = 100
+    sse_interval_ms: float = 20.0
+    upload_bytes: int = 1024**3
+
+
+def _cpu(target: Target) -> float:
+    return target.proc.cpu_seconds() if target.proc else 0.0
+
+
+def keepalive(target: Target, connections: int, params: Params) -> dict[str, float]:
+    """Keep-alive small GETs with wrk: req/s, p50/p99 ms, proxy CPU µs per request."""
+    before = _cpu(target)
+    result = loadgen.wrk(f"{target.base_url}/", connections, params.duration)
+    if target.proc and result["requests"]:
+        result["cpu_us"] = (_cpu(target) - before) / result["requests"] * 1e6
+    return result
+
+
+def _reused_count(log: Path | None, offset: int) -> tuple[int, int]:
+    """(lines, resumed sessions) in an nginx bench-format access log after byte offset."""
+    if log is None or not log.exists():
+        return 0, 0
+    with open(log, "rb") as handle:
+        handle.seek(offset)
+        data = handle.read()
+    return data.count(b"\n"), data.count(b'"reused":"r"')
+
+
+def new_connections(target: Target, params: Params) -> dict[str, float]:
+    """A new connection (full TLS handshake on https) per request with hey."""
+    log = target.access_log if target.name == "nginx" else None
+    offset = log.stat().st_size if log and log.exists() else 0
+    before = _cpu(target)
+    result = loadgen.hey_new_connections(
+        f"{target.base_url}/", params.new_conn_clients, params.duration
+    )
+    if target.proc and result["requests"]:
+        result["cpu_us"] = (_cpu(target) - before) / result["requests"] * 1e6
+    if log is not None:
+        time.sleep(1.2)  # nginx flushes its buffered access log every second
+        lines, reused = _reused_count(log, offset)
+        result["logged"] = float(lines)
+        result["resumed"] = float(reused)
+    return result
+
+
+def sse(target: Target, params: Params) -> dict[str, float]:
+    """Concurrent SSE streams through the target: event delay (ms), proxy RSS and CPU."""
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.sse_client",
+        f"{target.base_url}/sse",
+        "--streams",
+        str(params.sse_streams),
+        "--events",
+        str(params.sse_events),
+        "--interval-ms",
+        f"{params.sse_interval_ms:g}",
+    ]
+    timeout = params.sse_events * params.sse_interval_ms / 1000 + 60
+    before = _cpu(target)
+    with RssSampler(target.proc) as rss:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise loadgen.LoadError(f"sse client failed: {done.stderr[-2000:]}")
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    if target.proc:
+        result["rss_mb"] = rss.peak / MB
+        if result.get("events"):
+            result["cpu_us_event"] = (_cpu(target) - before) / result["events"] * 1e6
+    return result
+
+
+def upload(target: Target, source: Path) -> dict[str, float]:
+    """One large upload with curl: MB/s, proxy peak RSS (MB) and CPU seconds."""
+    before = _cpu(target)
+    with RssSampler(target.proc) as rss:
+        result = loadgen.curl_upload(f"{target.base_url}/upload", source)
+    if target.proc:
+        result["rss_mb"] = rss.peak / MB
+        result["cpu_s"] = _cpu(target) - before
+    return result

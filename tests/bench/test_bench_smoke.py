@@ -1,0 +1,95 @@
+"""The bench harness still works: every piece runs briefly against direct and nginx.
+
+Not a performance test: it only checks that numbers come out (> 0) and that the report has its
+tables, so that `make bench` cannot rot silently between the runs that matter.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench import __main__ as cli
+from bench import runner, workloads
+
+pytestmark = pytest.mark.e2e
+
+TOOLS = ("nginx", "wrk", "hey", "curl")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> runner.Results:
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"bench peers not installed: {', '.join(missing)}")
+    plan = runner.Plan(
+        targets=("direct", "nginx"),
+        workloads=runner.WORKLOADS,
+        reps=1,
+        params=workloads.Params(
+            duration=1.0,
+            new_conn_clients=4,
+            sse_streams=10,
+            sse_events=10,
+            sse_interval_ms=10.0,
+            upload_bytes=16 * 1024**2,
+        ),
+        retries=0,
+    )
+    return runner.run(plan, tmp_path_factory.mktemp("bench-work"))
+
+
+def _value(results: runner.Results, workload: str, target: str) -> dict[str, float]:
+    measured = results.data[workload][target][0]
+    assert measured is not None, results.problems
+    return measured
+
+
+@pytest.mark.parametrize("target", ["direct", "nginx"])
+def test_every_workload_produces_numbers(results: runner.Results, target: str) -> None:
+    assert not results.problems
+    for workload in ("ka32", "ka256", "newconn"):
+        measured = _value(results, workload, target)
+        assert measured["rps"] > 0
+        assert measured["requests"] > 0
+        assert measured["p50_ms"] > 0
+    sse = _value(results, "sse", target)
+    assert sse["events"] == sse["expected"] == 100
+    assert sse["mean_ms"] > 0
+    upload = _value(results, "upload", target)
+    assert upload["mb_s"] > 0
+    assert upload["bytes"] == 16 * 1024**2
+
+
+def test_proxy_cpu_memory_and_tls_are_measured(results: runner.Results) -> None:
+    assert _value(results, "ka32", "nginx")["cpu_us"] > 0
+    assert _value(results, "sse", "nginx")["rss_mb"] > 0
+    assert _value(results, "upload", "nginx")["rss_mb"] > 0
+    assert results.tls["nginx"]["key"] == "ECDSA P-256"
+    # hey must do a full handshake per request: nginx logs no resumed session.
+    newconn = _value(results, "newconn", "nginx")
+    assert newconn["logged"] > 0
+    assert newconn["resumed"] == 0
+
+
+def test_report_has_the_tables(results: runner.Results, tmp_path: Path) -> None:
+    text = cli.write_report(results, tmp_path / "report.md")
+    assert (tmp_path / "report.md").read_text() == text
+    assert "| workload | metric | direct | nginx |" in text
+    assert "| keep-alive GETs, 32 conns | req/s |" in text
+    assert "## Against the targets" in text
+    assert "| SSE streams | event delay mean ms |" in text
+
+
+def test_command_line_plan() -> None:
+    plan = cli.plan_from(
+        cli.parse_args(["--quick", "--only", "keepalive,sse", "--targets", "nginx"])
+    )
+    assert plan.workloads == ("ka32", "ka256", "sse")
+    assert plan.targets == ("nginx",)
+    assert plan.reps == 1
+    assert plan.retries == 0
+    with pytest.raises(SystemExit):
+        cli.plan_from(cli.parse_args(["--targets", "apache"]))
