@@ -179,6 +179,8 @@ class Gateway:
             self.server_cert is None
             or cert.reissued
             or cert.not_after != self.server_cert.not_after
+            # Another worker reissued it: same expiry second is possible, other names are not.
+            or cert.names != self.server_cert.names
         ):
             reload_context(self.ssl_context, cert.cert_path, cert.key_path)
             log.info(
