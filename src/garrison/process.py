@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -116,15 +117,16 @@ class Supervisor:
         ready = 0
         deadline = time.monotonic() + 60
         while ready < self.count and time.monotonic() < deadline and not self.stopping:
-            try:
-                chunk = os.read(read_fd, self.count - ready)
-            except InterruptedError:
-                continue
-            ready += chunk.count(b"R")
-        if ready < self.count:
+            # Never block on the pipe: we hold its write end, so a worker that dies before it
+            # is ready would leave us waiting forever (deaf to SIGTERM too).
+            if select.select([read_fd], [], [], 0.2)[0]:
+                ready += os.read(read_fd, self.count - ready).count(b"R")
+            self._replace_dead_starters(write_fd)
+        failed = ready < self.count and not self.stopping
+        if failed:
             log.error("workers did not start")
             self._terminate(signal.SIGTERM, None)
-        else:
+        elif not self.stopping:
             announce(https, redirect)
             say(f"ready ({self.count} workers)")
         code = self._watch(write_fd)
@@ -132,7 +134,23 @@ class Supervisor:
         https.close()
         if redirect is not None:
             redirect.close()
-        return code
+        return 1 if failed else code
+
+    def _replace_dead_starters(self, ready_fd: int) -> None:
+        """During start-up: reap a worker that died before it was ready, and start another."""
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            index = self.children.pop(pid, None)
+            if index is None or self.stopping:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            log.error("worker %d exited with %s before it was ready; restarting", index, code)
+            self._spawn(index, ready_fd)
 
     def _spawn(self, index: int, ready_fd: int) -> None:
         pid = os.fork()
