@@ -8,6 +8,9 @@ import os
 import signal
 import ssl
 import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from tests.e2e.fixtures_stream import (
     wait_until,
     write_config,
 )
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import CA_RE, LISTEN_RE, GatewayProcess
 from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.e2e
@@ -196,3 +199,63 @@ def test_sigterm_right_after_a_worker_died_still_exits(
             )
         assert code == 0
         assert not [p for p in kids[1:] if p.is_running() and p.status() != "zombie"]
+
+
+def test_a_worker_that_dies_during_start_up_is_replaced(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """A worker killed before it reported ready: the supervisor must not wait for it forever
+    (it did, deaf even to SIGTERM); it starts another and becomes ready."""
+    cmd = [sys.executable, "-m", "garrison", "up", "--data-dir", str(tmp_path / "data")]
+    cmd += ["--upstream", upstream.url, "--listen", "127.0.0.1:0", *WORKERS]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: list[str] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    supervisor = psutil.Process(proc.pid)
+    try:
+        victim = 0
+        deadline = time.monotonic() + 30
+        while not victim and time.monotonic() < deadline and proc.poll() is None:
+            kids = supervisor.children()
+            if kids:
+                victim = kids[0].pid
+                os.kill(victim, signal.SIGKILL)
+            else:
+                time.sleep(0.001)
+        assert victim, "no worker appeared"
+        assert wait_until(lambda: any("ready (2 workers)" in ln for ln in lines), timeout=20), (
+            "\n".join(lines)
+        )
+        port = next(int(m.group(2)) for ln in lines if (m := LISTEN_RE.search(ln)))
+        ca = next(m.group(1) for ln in lines if (m := CA_RE.search(ln)))
+        kids = supervisor.children()
+        assert len(kids) == 2 and victim not in {k.pid for k in kids}
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", port, context=ssl.create_default_context(cafile=ca), timeout=10
+        )
+        try:
+            conn.request("GET", "/.garrison/healthz")
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:  # stop what we started: the supervisor and its workers
+            for kid in supervisor.children():
+                kid.kill()
+            proc.kill()
+            proc.wait(timeout=10)
