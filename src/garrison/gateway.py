@@ -113,6 +113,7 @@ class Gateway:
         self.ca: CertificateAuthority | None = None
         self.server_cert: ServerCertificate | None = None
         self.ssl_context: ssl.SSLContext | None = None
+        self._loaded_pem = b""
         self.state: ServerState | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.https_port = 0
@@ -124,6 +125,7 @@ class Gateway:
         self.ssl_context = server_context(
             self.config.server.tls_profile, self.server_cert.cert_path, self.server_cert.key_path
         )
+        self._loaded_pem = self.server_cert.cert_path.read_bytes()
         self.state = ServerState(self._build_runtime(self.config))
         self.https_port = https_sock.getsockname()[1]
         self.servers.append(await serve_https(https_sock, self.ssl_context, self.state))
@@ -175,13 +177,11 @@ class Gateway:
         cert = ensure_server_certificate(
             self.data_dir, self.ca, config.server.hostnames, days=config.server.server_cert_days
         )
-        if (
-            self.server_cert is None
-            or cert.reissued
-            or cert.not_after != self.server_cert.not_after
-            # Another worker reissued it: same expiry second is possible, other names are not.
-            or cert.names != self.server_cert.names
-        ):
+        # Compare the file itself: another worker may have reissued it with the same names
+        # and the same expiry second.
+        pem = cert.cert_path.read_bytes()
+        if self.server_cert is None or cert.reissued or pem != self._loaded_pem:
+            self._loaded_pem = pem
             reload_context(self.ssl_context, cert.cert_path, cert.key_path)
             log.info(
                 "server certificate loaded: %s, valid until %s",

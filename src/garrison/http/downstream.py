@@ -64,6 +64,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._tunnel_pending: list[bytes] = []
         self.tunnel_target: InFlight | None = None
         self._corked: list[bytes] | None = None
+        self.abort_reason: str | None = None
         self._start_pending = False
 
     # -- connection lifecycle -----------------------------------------------------------------
@@ -85,7 +86,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._cancel_timer()
         for inflight in (self.current, self.parsing, *self.queue):
             if inflight is not None:
-                inflight.client_gone()
+                inflight.client_gone(self.abort_reason)
         self.queue.clear()
         self.current = self.parsing = None
 
@@ -308,8 +309,11 @@ class DownstreamProtocol(asyncio.Protocol):
             self.closed = True
             self.transport.close()
 
-    def abort(self) -> None:
+    def abort(self, reason: str | None = None) -> None:
+        """Drop the connection now; `reason` says why in the access log (default: the client)."""
         self._corked = None
+        if reason is not None:
+            self.abort_reason = reason
         if self.transport is not None:
             self.closed = True
             self.transport.abort()

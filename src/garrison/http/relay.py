@@ -307,13 +307,13 @@ class InFlight:
         if self.conn is not None:
             self.conn.write(data)
 
-    def client_gone(self) -> None:
-        """The client disconnected: stop everything, and cancel the upstream request."""
+    def client_gone(self, reason: str | None = None) -> None:
+        """The connection ended (the client left, or `reason`): cancel the upstream request."""
         if not self.done:
             self.done = True
-            self.ex.stage = self.ex.stage or "client"
-            if self.response_started or self.conn is not None:
-                self._log(error="client_closed")
+            self.ex.stage = self.ex.stage or ("gateway" if reason else "client")
+            if self.response_started or self.conn is not None or self.task is not None:
+                self._log(error=reason or "client_closed")
         self.cancel()
 
     def cancel(self) -> None:

@@ -159,7 +159,7 @@ async def drain(state: ServerState, grace: float) -> bool:
             return True
         await asyncio.sleep(0.05)
     for conn in list(state.connections):
-        conn.abort()
+        conn.abort("shutdown_grace_expired")
     # Let connection_lost run: the requests cut here still get their access-log line.
     for _ in range(20):
         if not state.connections:

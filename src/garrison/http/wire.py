@@ -148,7 +148,8 @@ def reply_bytes(reply: Reply, security: Headers, close: bool, head_only: bool) -
 
 
 def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
+    """One chunk; empty data gives b"" (an empty chunk would end the body)."""
+    return b"%x\r\n%b\r\n" % (len(data), data) if data else b""
 
 
 LAST_CHUNK = b"0\r\n\r\n"
