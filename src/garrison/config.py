@@ -20,7 +20,6 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 _SIZE_UNITS = {
@@ -171,9 +170,16 @@ class ServerConfig(_Model):
 
 
 class UpstreamConfig(_Model):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    name: str
     url: str
     max_idle_connections: int = Field(default=64, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+            raise ValueError("letters, digits, '_', '.' and '-' only (1 to 64)")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -233,32 +239,8 @@ class Config(_Model):
     upstream: list[UpstreamConfig] = Field(default_factory=list)
     route: list[RouteConfig] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _references(self) -> Config:
-        names = [u.name for u in self.upstream]
-        duplicates = {n for n in names if names.count(n) > 1}
-        if duplicates:
-            raise ValueError(f"upstream names must be unique: {sorted(duplicates)}")
-        for index, route in enumerate(self.route):
-            if route.upstream not in names:
-                raise _LocatedError(
-                    ("route", index, "upstream"), f"unknown upstream {route.upstream!r}"
-                )
-        paths = [r.path for r in self.route]
-        for path in {p for p in paths if paths.count(p) > 1}:
-            raise _LocatedError(("route",), f"two routes have the same path {path!r}")
-        return self
-
     def upstream_by_name(self, name: str) -> UpstreamConfig:
         return next(u for u in self.upstream if u.name == name)
-
-
-class _LocatedError(ValueError):
-    """A model-level error that knows which key it is about."""
-
-    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
-        super().__init__(message)
-        self.loc = loc
 
 
 class ConfigError(Exception):
@@ -282,11 +264,7 @@ def _format_errors(error: ValidationError) -> list[str]:
     for item in error.errors():
         loc = [str(part) for part in item["loc"]]
         message = item["msg"]
-        ctx_error = (item.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, _LocatedError):
-            loc = loc + [str(part) for part in ctx_error.loc]
-            message = str(ctx_error)
-        elif message.startswith("Value error, "):
+        if message.startswith("Value error, "):
             message = message[len("Value error, ") :]
         if item["type"] == "extra_forbidden":
             message = "unknown option"
@@ -294,12 +272,46 @@ def _format_errors(error: ValidationError) -> list[str]:
     return problems
 
 
+def _reference_problems(data: dict[str, Any]) -> list[str]:
+    """Cross-references (route -> upstream, unique names and paths), checked on the raw mapping
+    so that they are reported together with every other error, not only once the rest is valid."""
+    problems = []
+    upstreams = data.get("upstream")
+    names: list[object] = []
+    if isinstance(upstreams, list):
+        for index, item in enumerate(upstreams):
+            name = item.get("name") if isinstance(item, dict) else None
+            if name is not None and name in names:
+                problems.append(f"upstream.{index}.name: duplicate upstream name {name!r}")
+            names.append(name)
+    routes = data.get("route")
+    paths: list[object] = []
+    if isinstance(routes, list):
+        for index, item in enumerate(routes):
+            if not isinstance(item, dict):
+                continue
+            target = item.get("upstream")
+            if isinstance(target, str) and target not in names:
+                problems.append(f"route.{index}.upstream: unknown upstream {target!r}")
+            path = item.get("path", "/")
+            if path in paths:
+                problems.append(f"route.{index}.path: another route has the same path {path!r}")
+            paths.append(path)
+    return problems
+
+
 def validate(data: dict[str, Any]) -> Config:
     """Validate a parsed config mapping, raising ConfigError with every problem."""
+    problems: list[str] = []
+    config = None
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc)) from None
+        problems = _format_errors(exc)
+    problems += [p for p in _reference_problems(data) if p not in problems]
+    if problems or config is None:
+        raise ConfigError(problems)
+    return config
 
 
 def load_file(path: Path) -> dict[str, Any]:

@@ -65,6 +65,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.tunnel_target: InFlight | None = None
         self._corked: list[bytes] | None = None
         self.abort_reason: str | None = None
+        self._parse_failed = False
+        self._deferred: tuple[Exchange, Reply] | None = None
         self._start_pending = False
 
     # -- connection lifecycle -----------------------------------------------------------------
@@ -91,6 +93,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.current = self.parsing = None
 
     def data_received(self, data: bytes) -> None:
+        if self._parse_failed:
+            return  # the stream cannot be parsed past an error; an answer is on its way
         if self.tunnel_target is not None:
             self.tunnel_target.tunnel_to_upstream(data)
             return
@@ -104,7 +108,6 @@ class DownstreamProtocol(asyncio.Protocol):
             if rest:
                 self._tunnel_pending.append(rest)
         except httptools.HttpParserCallbackError as exc:
-            self._start_pending = False
             cause = exc.__context__
             if isinstance(cause, Reject):
                 self._reject(cause.status, cause.code, str(cause))
@@ -112,7 +115,6 @@ class DownstreamProtocol(asyncio.Protocol):
                 self._reject(400, "bad_request", "the request could not be processed")
                 self.state.log_internal_error(cause or exc)
         except httptools.HttpParserError as exc:
-            self._start_pending = False
             self._reject(400, "malformed_request", f"malformed HTTP request: {_parser_reason(exc)}")
         if self._start_pending and self.current is not None:
             # Started after the whole chunk was parsed: a body that came with the head goes
@@ -286,6 +288,9 @@ class DownstreamProtocol(asyncio.Protocol):
         if close or self.state.draining or self.closed:
             self.close()
             return
+        if not self.queue and self._deferred is not None:
+            self._send_error(*self._deferred)
+            return
         if self.queue:
             nxt = self.queue.popleft()
             self.current = nxt
@@ -325,21 +330,34 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # -- internals ------------------------------------------------------------------------------
     def _reject(self, status: int, code: str, message: str) -> None:
-        """A request that must not go on: answer (if nothing was sent yet) and close."""
-        inflight = self.parsing or self.current
-        if inflight is not None and inflight.response_started:
-            self.abort()
-            if inflight is not None:
-                inflight.client_gone()
+        """A request that must not go on: answer it (in order) and close the connection."""
+        self._parse_failed = True
+        ex = Exchange("-", self._url, "1.1", self._headers, self.peer_ip, started=time.monotonic())
+        ex.stage = "parse"
+        reply = error_reply(status, code, message, html=ex.wants_html())
+        bad = self.parsing
+        current = self.current
+        if current is not None and bad is not current:
+            # Earlier pipelined requests are answered first; the error goes out after them.
+            if bad is not None and bad in self.queue:
+                self.queue.remove(bad)
+                bad.cancel()
+            self.parsing = None
+            self._deferred = (ex, reply)
+            self.pause("rejected")
             return
-        for pending in (self.current, self.parsing, *self.queue):
+        if current is not None and current.response_started:
+            self.abort()
+            current.client_gone()
+            return
+        for pending in (current, bad, *self.queue):
             if pending is not None:
                 pending.cancel()
         self.queue.clear()
         self.current = self.parsing = None
-        ex = Exchange("-", self._url, "1.1", self._headers, self.peer_ip, started=time.monotonic())
-        ex.stage = "parse"
-        reply = error_reply(status, code, message, html=ex.wants_html())
+        self._send_error(ex, reply)
+
+    def _send_error(self, ex: Exchange, reply: Reply) -> None:
         self.state.runtime.access_log.reply(ex, reply, self.state.runtime)
         self.send_reply(reply, close=True)
 
