@@ -368,3 +368,18 @@ def test_build_without_any_route() -> None:
     with pytest.raises(ConfigError) as info:
         build(None)
     assert len(info.value.problems) == 1 and info.value.problems[0].startswith("route: ")
+
+
+@pytest.mark.parametrize(
+    "key", ["header_read", "keepalive_idle", "upstream_connect", "upstream_idle"]
+)
+def test_zero_timeouts_are_refused(key: str) -> None:
+    found = problems({**GOOD, "server": {"timeouts": {key: "0s"}}})
+    assert found == [
+        f"server.timeouts.{key}: must be more than 0 (a zero timeout would cut every connection)"
+    ]
+
+
+def test_zero_shutdown_grace_is_allowed() -> None:
+    config = validate({**GOOD, "server": {"timeouts": {"shutdown_grace": "0s"}}})
+    assert config.server.timeouts.shutdown_grace == 0

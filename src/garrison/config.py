@@ -99,6 +99,13 @@ class TimeoutsConfig(_Model):
     upstream_idle: Duration = 300.0
     shutdown_grace: Duration = 30.0
 
+    @field_validator("header_read", "keepalive_idle", "upstream_connect", "upstream_idle")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be more than 0 (a zero timeout would cut every connection)")
+        return value
+
 
 class ServerConfig(_Model):
     listen: str = "0.0.0.0:8443"

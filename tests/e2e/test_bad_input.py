@@ -182,8 +182,8 @@ BAD: dict[str, tuple[bytes, int, str | None]] = {
     "host-with-userinfo": (_req("GET /x HTTP/1.1\nHost: user@evil.example\n"), 400, "bad_host"),
     "connect": (
         _req("CONNECT internal.example:443 HTTP/1.1\nHost: internal.example:443\n"),
-        405,
-        "method_not_allowed",
+        501,
+        "method_not_implemented",
     ),
     "absolute-form-other-host": (
         _req("GET http://169.254.169.254/latest HTTP/1.1\nHost: h\n"),

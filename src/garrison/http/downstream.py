@@ -192,7 +192,8 @@ class DownstreamProtocol(asyncio.Protocol):
                 400, "chunked_on_http10", "chunked transfer coding is not allowed on HTTP/1.0"
             )
         if method == "CONNECT":
-            raise Reject(405, "method_not_allowed", "CONNECT is not supported")
+            # 501, not 405: a 405 must list allowed methods, and a gateway has no such list
+            raise Reject(501, "method_not_implemented", "CONNECT is not supported (not a proxy)")
         if self._hosts != 1 and (version == "1.1" or self._hosts > 1):
             raise Reject(400, "bad_host", "exactly one Host header is required")
         if self._content_length is not None and self._content_length > runtime.max_body:
