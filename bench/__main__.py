@@ -117,6 +117,8 @@ def notes_for(results: runner.Results) -> list[str]:
                 if same
                 else " — NOT the same type: handshakes differ."
             )
+            + " Ciphers: nginx and Garrison (OpenSSL) settle on AES-256-GCM with OpenSSL clients "
+            "(wrk, the probe), Caddy (Go) on AES-128-GCM; hey (Go) prefers AES-128-GCM."
         )
     if {"garrison", "garrison2"} & set(keys):
         notes.append(

@@ -101,10 +101,15 @@ def hey_new_connections(url: str, connections: int, duration: float) -> dict[str
 
 
 def sparse_file(path: Path, size: int) -> Path:
-    """A file of size zero bytes that takes no disk space (read back from the page cache)."""
+    """A file of size zero bytes that takes no disk space, read once so that it is in the page
+    cache (the first read of a hole allocates pages: it would slow the first upload down)."""
     if not path.exists() or path.stat().st_size != size:
         with open(path, "wb") as handle:
             handle.truncate(size)
+        with open(path, "rb", buffering=0) as handle:
+            chunk = bytearray(1 << 20)
+            while handle.readinto(chunk):
+                pass
     return path
 
 

@@ -236,9 +236,12 @@ def render(results: Results, machine: dict[str, str], notes: list[str]) -> str:
         "",
         "## TLS served by each target",
         "",
-        "| target | certificate key | protocol | cipher |",
-        "|---|---|---|---|",
-        *(f"| {n} | {t['key']} | {t['version']} | {t['cipher']} |" for n, t in results.tls.items()),
+        "| target | server key | CA key | protocol | cipher |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {n} | {t['key']} | {t.get('ca', '?')} | {t['version']} | {t['cipher']} |"
+            for n, t in results.tls.items()
+        ),
         "",
         "## Repetitions",
         "",
