@@ -45,6 +45,8 @@ def announce(https: socket.socket, redirect: socket.socket | None) -> None:
     if redirect is not None:
         rhost, rport = _format_address(redirect)
         say(f"redirect listener on http://{rhost}:{rport}")
+    shown = "localhost" if host in ("0.0.0.0", "[::]", "127.0.0.1", "[::1]") else host
+    say(f"open https://{shown}:{port}/ in a browser or client that trusts the CA above")
 
 
 def run_single(options: UpOptions, config: Config, data_dir: Path) -> int:
