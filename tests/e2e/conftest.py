@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.support.gateway import GatewayProcess
+from tests.support.upstream import FakeUpstream
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -42,6 +43,13 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 STARTUP_TIMEOUT_S = 90.0
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    """A recording fake upstream, one per test module (tests assert on what reached it)."""
+    with FakeUpstream() as up:
+        yield up
 
 
 def missing(reason: str) -> None:

@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 
 from tests.support.gateway import GatewayProcess
+from tests.support.gateway import client_context as client_context
+from tests.support.gateway import tls_socket as support_tls_socket
 from tests.support.upstream import FakeUpstream
 
 PYTHON = sys.executable
@@ -91,21 +93,10 @@ def fake_upstream() -> Iterator[FakeUpstream]:
         yield up
 
 
-def client_context(gw: GatewayProcess) -> ssl.SSLContext:
-    """Trusts only the gateway's own CA; hostname checks stay on."""
-    assert gw.ca_path is not None and gw.ca_path.is_file(), gw.output()
-    return ssl.create_default_context(cafile=str(gw.ca_path))
-
-
 def tls_socket(
     gw: GatewayProcess, server_hostname: str = "localhost", host: str = "127.0.0.1"
 ) -> ssl.SSLSocket:
-    raw = socket.create_connection((host, gw.port), timeout=READ_TIMEOUT_S)
-    try:
-        return client_context(gw).wrap_socket(raw, server_hostname=server_hostname)
-    except BaseException:
-        raw.close()
-        raise
+    return support_tls_socket(gw, server_hostname, host, timeout=READ_TIMEOUT_S)
 
 
 @dataclass

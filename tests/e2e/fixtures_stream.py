@@ -10,8 +10,6 @@ import asyncio
 import contextlib
 import http.client
 import json
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +20,8 @@ import psutil
 from aiohttp import WSMsgType, web
 
 from tests.support.gateway import GatewayProcess
+from tests.support.gateway import client_context as client_context
+from tests.support.gateway import tls_socket as tls_socket
 
 Headers = dict[str, str]
 
@@ -71,24 +71,6 @@ def running_gateway(
 
 def write_config(gw: GatewayProcess, upstream_url: str, **config: str) -> None:
     gw.config_path.write_text(config_text(upstream_url, **config))
-
-
-def client_context(gw: GatewayProcess) -> ssl.SSLContext:
-    """Trusts only the gateway's own CA; hostname checks stay on."""
-    assert gw.ca_path is not None and gw.ca_path.is_file(), gw.output()
-    return ssl.create_default_context(cafile=str(gw.ca_path))
-
-
-def tls_socket(
-    gw: GatewayProcess, timeout: float = 10.0, server_name: str = "127.0.0.1"
-) -> ssl.SSLSocket:
-    """A raw TLS socket to the gateway (for byte-exact requests and abrupt closes)."""
-    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=timeout)
-    try:
-        return client_context(gw).wrap_socket(raw, server_hostname=server_name)
-    except BaseException:
-        raw.close()
-        raise
 
 
 def https(gw: GatewayProcess, timeout: float = 10.0) -> http.client.HTTPSConnection:

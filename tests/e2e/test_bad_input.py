@@ -22,7 +22,6 @@ from tests.e2e.fixtures_core import (
     canary,
     closed_port,
     config,
-    fake_upstream,
     get,
     read_response,
     running_gateway,
@@ -37,12 +36,6 @@ pytestmark = pytest.mark.e2e
 MAX_BODY = 1000  # "1kB"
 MAX_HEADER_BYTES = 8 * 1024  # "8KiB"
 TRICKLE_STEPS = 50  # bounded: a slow sender gives up after this many header lines
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with fake_upstream() as up:
-        yield up
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from tests.e2e.fixtures_core import (
     RawResponse,
     client_context,
     config,
-    fake_upstream,
     get,
     running_gateway,
     send_raw,
@@ -51,12 +50,6 @@ SPOOFED = [
     ("x-garrison-identity", "admin"),
 ]
 SPOOFED_NAMES = {name.lower() for name, _ in SPOOFED}
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with fake_upstream() as up:
-        yield up
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,12 +41,6 @@ upstream = "app"
 strip_prefix = true
 """
 ALT_NAME = "alt.garrison.test"
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
 
 
 @dataclass
@@ -157,7 +150,7 @@ def test_hup_keeps_an_open_websocket(tmp_path: Path, upstream: FakeUpstream) -> 
 def test_hup_reloads_the_certificate_for_new_names(tmp_path: Path, upstream: FakeUpstream) -> None:
     with running_gateway(tmp_path, upstream.url) as gw:
         with pytest.raises(ssl.SSLCertVerificationError):
-            tls_socket(gw, server_name=ALT_NAME).close()
+            tls_socket(gw, server_hostname=ALT_NAME).close()
         # A keep-alive connection opened before the reload keeps working after it.
         old = https(gw)
         old.request("GET", "/before")
@@ -168,7 +161,7 @@ def test_hup_reloads_the_certificate_for_new_names(tmp_path: Path, upstream: Fak
         gw.wait_for_line("configuration reloaded")
         assert any(ALT_NAME in line and "certificate loaded" in line for line in gw.lines)
 
-        sock = tls_socket(gw, server_name=ALT_NAME)  # verifies against the new SAN
+        sock = tls_socket(gw, server_hostname=ALT_NAME)  # verifies against the new SAN
         try:
             cert = sock.getpeercert()
             assert cert is not None

@@ -16,7 +16,6 @@ import pytest
 from tests.e2e.fixtures_core import (
     assert_json_error,
     config,
-    fake_upstream,
     get,
     running_gateway,
     send_raw,
@@ -29,12 +28,6 @@ pytestmark = pytest.mark.e2e
 
 HOST = "gateway.example"  # the absolute-form variants name this host
 STRIP_ROUTE = '[[route]]\npath = "/app/"\nupstream = "app"\nstrip_prefix = true\n'
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with fake_upstream() as up:
-        yield up
 
 
 @pytest.fixture(scope="module")

@@ -39,12 +39,6 @@ SSE_LIMIT_NS = 50_000_000
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def control() -> Iterator[ControlUpstream]:
     with ControlUpstream() as up:
         yield up

@@ -33,7 +33,6 @@ from tests.e2e.fixtures_core import (
     assert_json_error,
     closed_port,
     config,
-    fake_upstream,
     get,
     ipv6_loopback,
     need_tool,
@@ -49,12 +48,6 @@ pytestmark = pytest.mark.e2e
 HOSTNAMES = ["gw.example.test", "10.11.12.13", "fd00::7"]
 HAVE_IPV6 = ipv6_loopback()
 DEFAULT_HSTS = "max-age=31536000"
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with fake_upstream() as up:
-        yield up
 
 
 @pytest.fixture(scope="module")

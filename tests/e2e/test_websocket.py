@@ -28,12 +28,6 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def ws_upstream() -> Iterator[ControlUpstream]:
     with ControlUpstream() as up:
         yield up

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -34,12 +33,6 @@ pytestmark = pytest.mark.e2e
 WORKERS = ("--workers", "2")
 ALT_NAME = "alt.garrison.test"
 HELD_CONNECTIONS = 24  # the chance that the kernel puts them all on one worker is 2**-23
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
 
 
 def workers(gw: GatewayProcess) -> list[psutil.Process]:
@@ -124,7 +117,7 @@ def test_sighup_new_certificate_names_reach_every_worker(
         failures = 0
         for _ in range(HELD_CONNECTIONS):
             try:
-                tls_socket(gw, server_name=ALT_NAME).close()
+                tls_socket(gw, server_hostname=ALT_NAME).close()
             except ssl.SSLCertVerificationError:
                 failures += 1
         assert failures == 0, f"{failures}/{HELD_CONNECTIONS} handshakes got the old certificate"

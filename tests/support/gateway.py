@@ -6,6 +6,8 @@ import os
 import queue
 import re
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -118,3 +120,24 @@ class GatewayProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         return self.proc.returncode
+
+
+def client_context(gw: GatewayProcess) -> ssl.SSLContext:
+    """Trusts only the gateway's own CA; hostname checks stay on."""
+    assert gw.ca_path is not None and gw.ca_path.is_file(), gw.output()
+    return ssl.create_default_context(cafile=str(gw.ca_path))
+
+
+def tls_socket(
+    gw: GatewayProcess,
+    server_hostname: str = "localhost",
+    host: str = "127.0.0.1",
+    timeout: float = 10.0,
+) -> ssl.SSLSocket:
+    """A raw TLS socket to the gateway, verified against its CA (for byte-exact requests)."""
+    raw = socket.create_connection((host, gw.port), timeout=timeout)
+    try:
+        return client_context(gw).wrap_socket(raw, server_hostname=server_hostname)
+    except BaseException:
+        raw.close()
+        raise
