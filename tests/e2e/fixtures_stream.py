@@ -6,7 +6,6 @@ pytest then finds them there. Every process or thread started here is stopped he
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import http.client
 import json
@@ -22,6 +21,7 @@ from aiohttp import WSMsgType, web
 from tests.support.gateway import GatewayProcess
 from tests.support.gateway import client_context as client_context
 from tests.support.gateway import tls_socket as tls_socket
+from tests.support.upstream import BackgroundApp
 
 Headers = dict[str, str]
 
@@ -196,7 +196,7 @@ class WsClosure:
 
 
 @dataclass
-class ControlUpstream:
+class ControlUpstream(BackgroundApp):
     """An upstream for what FakeUpstream does not do: WebSockets that close on command, and
     big downloads.
 
@@ -210,49 +210,14 @@ class ControlUpstream:
     downloads: list[int] = field(default_factory=list)
     port: int = 0
 
-    def __post_init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     def closed(self, tag: str) -> WsClosure | None:
         return next((c for c in list(self.closures) if c.tag == tag), None)
 
-    def __enter__(self) -> ControlUpstream:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("control upstream did not start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        async def stop() -> None:
-            if self._runner is not None:
-                await self._runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._start())
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _start(self) -> None:
+    def build_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/ws", self._ws)
         app.router.add_get("/download", self._download)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        return app
 
     async def _download(self, request: web.Request) -> web.StreamResponse:
         total = int(request.query["bytes"])

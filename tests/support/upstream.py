@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Self
 
 from aiohttp import WSMsgType, web
 
@@ -22,28 +23,26 @@ class Seen:
     header_list: list[tuple[str, str]]
 
 
-@dataclass
-class FakeUpstream:
-    """Start with `with FakeUpstream() as up:`; `up.url` is http://127.0.0.1:PORT."""
+class BackgroundApp:
+    """An aiohttp app served on 127.0.0.1:0 from a thread with its own event loop."""
 
-    requests: list[Seen] = field(default_factory=list)
-    disconnects: list[str] = field(default_factory=list)
-    port: int = 0
+    port: int
 
-    def __post_init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._runner: web.AppRunner | None = None
+    def build_app(self) -> web.Application:
+        raise NotImplementedError
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> FakeUpstream:
+    def __enter__(self) -> Self:
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
-            raise RuntimeError("fake upstream did not start")
+            raise RuntimeError(f"{type(self).__name__} did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -55,9 +54,6 @@ class FakeUpstream:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
-    def count(self, path_prefix: str = "") -> int:
-        return sum(1 for r in self.requests if r.raw_path.startswith(path_prefix))
-
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._loop.run_until_complete(self._start())
@@ -65,6 +61,25 @@ class FakeUpstream:
         self._loop.run_forever()
 
     async def _start(self) -> None:
+        self._runner = web.AppRunner(self.build_app(), access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+
+@dataclass
+class FakeUpstream(BackgroundApp):
+    """Start with `with FakeUpstream() as up:`; `up.url` is http://127.0.0.1:PORT."""
+
+    requests: list[Seen] = field(default_factory=list)
+    disconnects: list[str] = field(default_factory=list)
+    port: int = 0
+
+    def count(self, path_prefix: str = "") -> int:
+        return sum(1 for r in self.requests if r.raw_path.startswith(path_prefix))
+
+    def build_app(self) -> web.Application:
         app = web.Application(client_max_size=1024**4)
         app.middlewares.append(self._record)
         app.router.add_route("*", "/sse", self._sse)
@@ -74,11 +89,7 @@ class FakeUpstream:
         app.router.add_route("GET", "/cookie", self._cookie)
         app.router.add_route("GET", "/forever", self._forever)
         app.router.add_route("*", "/{tail:.*}", self._echo)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        return app
 
     @web.middleware
     async def _record(self, request: web.Request, handler):  # type: ignore[no-untyped-def]
