@@ -298,3 +298,24 @@ def test_client_context_is_strict(tmp_path: Path, upstream: FakeUpstream) -> Non
         with pytest.raises(ssl.SSLCertVerificationError):
             ctx.wrap_socket(raw, server_hostname="not-us.example")
         raw.close()
+
+
+def test_idle_keepalive_connection_is_closed_silently(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """After keepalive_idle the connection ends with no bytes (a 408 is only for a request
+    whose head is still arriving)."""
+    timeouts = 'keepalive_idle = "1s"\nheader_read = "5s"'
+    with running_gateway(tmp_path, upstream.url, timeouts=timeouts) as gw:
+        sock = tls_socket(gw, timeout=15)
+        try:
+            sock.sendall(b"GET /one HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            data = b""
+            while b'"raw_path": "/one"' not in data:
+                chunk = sock.recv(65536)
+                assert chunk, data
+                data += chunk
+            rest = sock.recv(65536)  # the gateway closes well before this socket's timeout
+        finally:
+            sock.close()
+        assert rest == b"", rest[:200]

@@ -66,6 +66,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._corked: list[bytes] | None = None
         self.abort_reason: str | None = None
         self._parse_failed = False
+        self._in_head = False
         self._deferred: tuple[Exchange, Reply] | None = None
         self._start_pending = False
 
@@ -85,7 +86,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.state.connections.discard(self)
-        self._cancel_timer()
+        self._stop_timer()
         for inflight in (self.current, self.parsing, *self.queue):
             if inflight is not None:
                 inflight.client_gone(self.abort_reason)
@@ -138,6 +139,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # -- llhttp callbacks -----------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        self._in_head = True
         self._url = b""
         self._headers = []
         self._header_bytes = 0
@@ -181,6 +183,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         runtime = self.state.runtime
         parser = self.parser
         method = parser.get_method().decode("ascii", "replace")
@@ -362,18 +365,29 @@ class DownstreamProtocol(asyncio.Protocol):
         self.state.runtime.access_log.reply(ex, reply, self.state.runtime)
         self.send_reply(reply, close=True)
 
+    # One lazy timer per connection. It never fires later than header_read from when it was
+    # set, and re-arms itself for what is left of the deadline, so switching between the
+    # keep-alive and header-read deadlines on every request costs no TimerHandle at all.
     def _arm_timer(self, timeout: float) -> None:
-        self._deadline = time.monotonic() + timeout
+        assert self._loop is not None
+        now = self._loop.time()
+        self._deadline = now + timeout
         if self._timer is not None and self._timer_at > self._deadline:
-            # A shorter deadline than the pending timer (header_read after keepalive_idle):
-            # fire on time, or a slow header sender on a kept-alive connection gets the idle time.
-            self._timer.cancel()
+            self._timer.cancel()  # rare: a deadline shorter than the pending tick
             self._timer = None
         if self._timer is None:
-            self._timer_at = self._deadline
-            self._timer = asyncio.get_running_loop().call_later(timeout, self._on_timer)
+            self._schedule(now, min(timeout, self.state.runtime.timeouts.header_read))
+
+    def _schedule(self, now: float, delay: float) -> None:
+        assert self._loop is not None
+        self._timer_at = now + delay
+        self._timer = self._loop.call_at(self._timer_at, self._on_timer)
 
     def _cancel_timer(self) -> None:
+        """Disarm: the pending tick finds no deadline and lapses."""
+        self._deadline = 0.0
+
+    def _stop_timer(self) -> None:
         self._deadline = 0.0
         if self._timer is not None:
             self._timer.cancel()
@@ -381,17 +395,19 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if not self._deadline or self.closed:
+        if not self._deadline or self.closed or self._loop is None:
             return
-        left = self._deadline - time.monotonic()
+        now = self._loop.time()
+        left = self._deadline - now
         if left > 0:
-            self._timer_at = self._deadline
-            self._timer = asyncio.get_running_loop().call_later(left, self._on_timer)
+            self._schedule(now, min(left, self.state.runtime.timeouts.header_read))
             return
-        if self.current is None and self._url == b"" and not self._headers:
-            self.close()  # idle keep-alive connection, or nothing sent after the handshake
-        elif self.current is None:
+        if self.current is not None:
+            return
+        if self._in_head:
             self._reject(408, "request_timeout", "the request headers took too long to arrive")
+        else:
+            self.close()  # idle keep-alive connection, or nothing sent after the handshake
 
 
 def _parser_reason(exc: Exception) -> str:
