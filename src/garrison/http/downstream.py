@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 DOWNSTREAM_WRITE_HIGH = 256 * 1024
 MAX_URL = 8192
+_FRAMING_HEADERS = frozenset(
+    {b"host", b"content-length", b"transfer-encoding", b"expect", b"upgrade"}
+)
 BODY_BUFFER_HIGH = 1024 * 1024
 
 
@@ -67,6 +70,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.abort_reason: str | None = None
         self._parse_failed = False
         self._in_head = False
+        self._max_header_bytes = 0
+        self._max_headers = 0
         self._deferred: tuple[Exchange, Reply] | None = None
         self._start_pending = False
 
@@ -140,6 +145,9 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- llhttp callbacks -----------------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._in_head = True
+        runtime = self.state.runtime
+        self._max_header_bytes = runtime.max_header_bytes
+        self._max_headers = runtime.max_headers
         self._url = b""
         self._headers = []
         self._header_bytes = 0
@@ -157,14 +165,16 @@ class DownstreamProtocol(asyncio.Protocol):
             raise Reject(414, "uri_too_long", f"request target longer than {MAX_URL} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        runtime = self.state.runtime
         self._header_bytes += len(name) + len(value) + 4
-        if (
-            self._header_bytes > runtime.max_header_bytes
-            or len(self._headers) >= runtime.max_headers
-        ):
+        if self._header_bytes > self._max_header_bytes or len(self._headers) >= self._max_headers:
             raise Reject(431, "headers_too_large", "request header block too large")
         name = name.lower()
+        if name in _FRAMING_HEADERS:
+            self._framing_header(name, value)
+        self._headers.append((name, value))
+
+    def _framing_header(self, name: bytes, value: bytes) -> None:
+        """The few headers the data plane itself must understand."""
         if name == b"host":
             self._hosts += 1
         elif name == b"content-length":
@@ -180,7 +190,6 @@ class DownstreamProtocol(asyncio.Protocol):
             self._expect_continue = True
         elif name == b"upgrade":
             self._upgrade = value
-        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False

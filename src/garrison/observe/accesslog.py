@@ -68,12 +68,12 @@ class AccessLog:
         # Python work. Only free-form strings go through _json_str.
         self._append(
             f'{{"time":"{_now_iso()}","client_ip":"{ex.client_ip or ex.peer_ip}",'
-            f'"method":{_json_str(ex.method)},"path":{_json_str(ex.path)},'
+            f'"method":{_cached_json(ex.method)},"path":{_json_str(ex.path)},'
             f'"status":{inflight.status},"bytes":{inflight.bytes_out},'
             f'"duration_ms":{(time.monotonic() - ex.started) * 1000:.3f},'
             f'"upstream_ms":{upstream_ms},'
-            f'"route":{_json_str(route.path) if route else "null"},'
-            f'"upstream":{_json_str(route.upstream) if route else "null"}{tail}'
+            f'"route":{_cached_json(route.path) if route else "null"},'
+            f'"upstream":{_cached_json(route.upstream) if route else "null"}{tail}'
         )
 
     def reply(self, ex: Exchange, reply: Reply, runtime: Runtime | None = None) -> None:
@@ -135,6 +135,19 @@ def _json_str(text: str | None) -> str:
     if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
         return f'"{text}"'
     return json.dumps(text)
+
+
+_JSON_CACHE: dict[str, str] = {}
+
+
+def _cached_json(text: str) -> str:
+    """JSON for the few strings that repeat on every line (methods, route paths, names)."""
+    found = _JSON_CACHE.get(text)
+    if found is None:
+        found = _json_str(text)
+        if len(_JSON_CACHE) < 1024:
+            _JSON_CACHE[text] = found
+    return found
 
 
 _last_second = 0
