@@ -1,0 +1,111 @@
+"""Pure-Python CPU cost of one proxied keep-alive request: no sockets, no TLS, no peers.
+
+`python -m bench.micro [N] [--profile]` drives the real DownstreamProtocol and
+UpstreamConnection with in-memory transports through the whole pipeline (normalise, route,
+forwarding headers, access log to /dev/null) and prints CPU µs per request. It isolates what
+our Python costs from what uvloop, OpenSSL and the kernel cost, which `make bench` cannot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import uvloop
+
+from garrison import config as config_mod
+from garrison.http.downstream import DownstreamProtocol
+from garrison.http.server import ServerState
+from garrison.http.upstream import UpstreamConnection
+from garrison.observe.accesslog import AccessLog
+from garrison.runtime import build_runtime
+
+REQUEST = (
+    b"GET /chat/x?y=1 HTTP/1.1\r\nHost: localhost:8443\r\nUser-Agent: wrk\r\nAccept: */*\r\n"
+    b"Accept-Encoding: gzip\r\nConnection: keep-alive\r\n\r\n"
+)
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Mon, 23 Nov 2026 03:00:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\n\r\n"
+    + b"x"
+    * 100
+)
+
+
+class MemoryTransport:
+    """Just enough of an asyncio transport: keeps what is written."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closing = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 5555) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    abort = close
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def measure(count: int, profile: bool) -> float:
+    config = config_mod.build(None, upstream="http://127.0.0.1:9", listen="127.0.0.1:0")
+    runtime = build_runtime(config, AccessLog("/dev/null"))
+    pool = runtime.pools["default"]
+    upstream = UpstreamConnection(pool)
+    upstream_transport = MemoryTransport()
+    upstream.connection_made(upstream_transport)  # type: ignore[arg-type]
+    pool.release(upstream)
+    client = DownstreamProtocol(ServerState(runtime))
+    client_transport = MemoryTransport()
+    client.connection_made(client_transport)  # type: ignore[arg-type]
+
+    def one() -> None:
+        client.data_received(REQUEST)
+        upstream.data_received(RESPONSE)
+
+    for _ in range(1000):
+        one()
+    if not client_transport.written[-1].startswith(b"HTTP/1.1 200 OK"):
+        raise RuntimeError(f"unexpected answer: {client_transport.written[-1][:200]!r}")
+    profiler = cProfile.Profile() if profile else None
+    if profiler:
+        profiler.enable()
+    started = time.process_time()
+    for _ in range(count):
+        one()
+    elapsed = time.process_time() - started
+    if profiler:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    return elapsed / count * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__)
+    parser.add_argument("count", nargs="?", type=int, default=30_000)
+    parser.add_argument("--profile", action="store_true", help="print a cProfile table too")
+    args = parser.parse_args()
+    per_request = uvloop.run(measure(args.count, args.profile))
+    print(f"{per_request:.1f} µs CPU per request (Python side, no I/O)")
+
+
+if __name__ == "__main__":
+    main()
