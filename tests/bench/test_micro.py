@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uvloop
-
 from bench.micro import measure
 
 

@@ -262,3 +262,10 @@ def test_encrypted_key_rejected_without_prompting(
     atomic_write(tmp_path / "k.pem", encrypted)
     with pytest.raises(TLSConfigError, match="encrypted"):
         server_context("intermediate", tmp_path / "c.pem", tmp_path / "k.pem")
+
+
+def test_one_session_ticket_per_handshake(tmp_path: Path) -> None:
+    """Fewer tickets per handshake is less work per new connection; one is enough to resume."""
+    ca = CertificateAuthority.load_or_create(tmp_path)
+    cert = ensure_server_certificate(tmp_path, ca, [])
+    assert server_context("intermediate", cert.cert_path, cert.key_path).num_tickets == 1
