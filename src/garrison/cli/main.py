@@ -8,7 +8,9 @@ import click
 
 from garrison import __version__
 from garrison.cli.ca import ca
+from garrison.cli.key import key
 from garrison.cli.up import check, up
+from garrison.cli.user import user
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,6 +22,8 @@ def cli() -> None:
 cli.add_command(up)
 cli.add_command(check)
 cli.add_command(ca)
+cli.add_command(user)
+cli.add_command(key)
 
 
 def main() -> None:

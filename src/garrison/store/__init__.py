@@ -1,0 +1,1 @@
+"""Durable state: users, API keys, issued certificates (SQLAlchemy Core; SQLite by default)."""

@@ -1,0 +1,95 @@
+"""The durable store: one SQLAlchemy Core schema for SQLite (default) and PostgreSQL.
+
+Never read on the hot path: request-time code works from caches that are invalidated by
+events (DESIGN §3). Timestamps are UTC seconds since the epoch (floats), so both databases
+store them the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+)
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+users = Table(
+    "users",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("password_hash", String(255), nullable=False),
+    Column("email", String(320), nullable=True),
+    Column("roles", JSON, nullable=False, default=list),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("failed_logins", Integer, nullable=False, default=0),
+    Column("locked_until", Float, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("owner", String(64), nullable=True),
+    Column("scopes", JSON, nullable=False, default=list),
+    Column("secret_hash", String(128), nullable=False),
+    Column("previous_hash", String(128), nullable=True),
+    Column("previous_valid_until", Float, nullable=True),
+    Column("expires_at", Float, nullable=True),
+    Column("revoked_at", Float, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("last_used_at", Float, nullable=True),
+)
+
+schema_info = Table(
+    "schema_info",
+    metadata,
+    Column("version", Integer, primary_key=True),
+)
+
+
+def default_url(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'garrison.db'}"
+
+
+def open_store(url: str) -> Engine:
+    """Connect and create the schema if needed. SQLite files are created 0600, in WAL mode."""
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+    engine = create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=5000")
+            cursor.close()
+
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        if conn.execute(schema_info.select()).first() is None:
+            conn.execute(schema_info.insert().values(version=SCHEMA_VERSION))
+    return engine
