@@ -215,11 +215,121 @@ class UpstreamConfig(_Model):
         return urlsplit(self.url).port or 80
 
 
+AuthMethod = Literal["session", "api_key", "jwt", "client_cert", "none"]
+DEFAULT_AUTH: tuple[str, ...] = ("session", "api_key", "jwt")
+
+
+class AllowConfig(_Model):
+    """Who may use a route once identified. Every key given must hold; within a key, any value.
+
+    `scopes` restricts delegated credentials (API keys, tokens that carry a scope); a person
+    logged in with a session (or a token without a scope claim) is not scope-restricted.
+    """
+
+    scopes: list[str] = Field(default_factory=list)
+    roles: list[str] = Field(default_factory=list)
+    users: list[str] = Field(default_factory=list)
+
+
+class JwtIssuerConfig(_Model):
+    """An external identity provider whose JWTs are accepted (`jwt` in a route's `auth`)."""
+
+    issuer: str
+    audience: list[str]
+    jwks_url: str | None = None
+    key_file: Path | None = None
+    secret_file: Path | None = None
+    algorithms: list[
+        Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+                "EdDSA", "HS256", "HS384", "HS512"]
+    ] = Field(default_factory=lambda: ["RS256"])
+    user_claim: str = "sub"
+    email_claim: str = "email"
+    roles_claim: str = "roles"
+    scope_claim: str = "scope"
+    leeway: Duration = 30.0
+
+    @field_validator("audience", mode="before")
+    @classmethod
+    def _audience(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+        if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+            raise ValueError("jwks_url must use https:// (http:// only for a loopback address)")
+        return value
+
+    def model_post_init(self, _context: Any) -> None:
+        sources = [s for s in (self.jwks_url, self.key_file, self.secret_file) if s is not None]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of jwks_url, key_file or secret_file")
+        hmac_algs = {a for a in self.algorithms if a.startswith("HS")}
+        if self.secret_file is not None and hmac_algs != set(self.algorithms):
+            raise ValueError("secret_file goes with HS256/HS384/HS512 algorithms only")
+        if self.secret_file is None and hmac_algs:
+            raise ValueError("HS* algorithms need secret_file (a public key cannot verify HMAC)")
+        if not self.audience:
+            raise ValueError("audience: at least one audience is required")
+
+
+class AuthConfig(_Model):
+    """Sessions, tokens and login backoff (users and keys live in the store, not here)."""
+
+    session_idle: Duration = 8 * 3600.0
+    session_max: Duration = 7 * 86400.0
+    token_lifetime: Duration = 15 * 60.0
+    assertion_lifetime: Duration = 5 * 60.0
+    issuer: str = "garrison"
+    audience: str = "garrison"
+    signing_key_rotation: Duration = 30 * 86400.0
+    ip_free_failures: int = Field(default=10, ge=1)
+    jwt_issuer: list[JwtIssuerConfig] = Field(default_factory=list)
+
+    @field_validator("session_idle", "session_max", "token_lifetime", "assertion_lifetime")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be more than 0")
+        return value
+
+
 class RouteConfig(_Model):
     path: str = "/"
     upstream: str
     strip_prefix: bool = False
     deny: list[str] = Field(default_factory=list)
+    auth: list[AuthMethod] = Field(default_factory=lambda: list(DEFAULT_AUTH))
+    allow: AllowConfig = Field(default_factory=AllowConfig)
+    token_alias: str | None = None
+
+    @field_validator("auth")
+    @classmethod
+    def _auth(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError('give at least one method, or ["none"] for a public route')
+        if "none" in value and len(value) > 1:
+            raise ValueError('"none" (public) cannot be combined with other methods')
+        if "client_cert" in value:
+            raise ValueError('"client_cert" is not available yet (client certificates come later)')
+        return list(dict.fromkeys(value))
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.token_alias is not None:
+            base = self.path.rstrip("/")
+            if not (self.token_alias == base or self.token_alias.startswith(base + "/")):
+                raise ValueError(f"token_alias {self.token_alias!r} must lie under {self.path!r}")
+        if self.auth == ["none"] and (self.allow.scopes or self.allow.roles or self.allow.users):
+            raise ValueError('allow needs an identity; it cannot go with auth = ["none"]')
+
+    @property
+    def public(self) -> bool:
+        return self.auth == ["none"]
 
     @field_validator("path")
     @classmethod
@@ -243,6 +353,7 @@ class RouteConfig(_Model):
 
 class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     upstream: list[UpstreamConfig] = Field(default_factory=list)
     route: list[RouteConfig] = Field(default_factory=list)
 

@@ -20,11 +20,13 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     create_engine,
     event,
+    text,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -38,6 +40,9 @@ users = Table(
     Column("disabled", Boolean, nullable=False, default=False),
     Column("failed_logins", Integer, nullable=False, default=0),
     Column("locked_until", Float, nullable=True),
+    # Sessions and Garrison-signed tokens issued before this time are void (password change,
+    # disable): checked against the in-memory user directory, so no session table scan.
+    Column("credentials_changed_at", Float, nullable=True),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
@@ -56,6 +61,40 @@ api_keys = Table(
     Column("revoked_at", Float, nullable=True),
     Column("created_at", Float, nullable=False),
     Column("last_used_at", Float, nullable=True),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    # SHA-256 of the cookie's session id: a copy of the database gives no live cookie.
+    Column("id_hash", String(64), primary_key=True),
+    Column("user", String(64), nullable=False, index=True),
+    Column("created_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+)
+
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("alg", String(16), nullable=False),
+    Column("private_pem", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    # Set when a newer key takes over signing; published in JWKS until its tokens expired.
+    Column("retired_at", Float, nullable=True),
+)
+
+events = Table(
+    "events",
+    metadata,
+    # Change notices that every worker polls to invalidate its caches (user:NAME, key:ID,
+    # session:HASH, keys:signing); pruned after an hour.
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("topic", String(16), nullable=False),
+    Column("subject", String(128), nullable=False),
+    Column("at", Float, nullable=False),
 )
 
 schema_info = Table(
@@ -90,6 +129,11 @@ def open_store(url: str) -> Engine:
 
     metadata.create_all(engine)
     with engine.begin() as conn:
-        if conn.execute(schema_info.select()).first() is None:
+        row = conn.execute(schema_info.select()).first()
+        if row is None:
             conn.execute(schema_info.insert().values(version=SCHEMA_VERSION))
+        elif row.version < 2:
+            # Version 1 had no credentials_changed_at; the new tables come from create_all.
+            conn.execute(text("ALTER TABLE users ADD COLUMN credentials_changed_at FLOAT"))
+            conn.execute(schema_info.update().values(version=SCHEMA_VERSION))
     return engine
