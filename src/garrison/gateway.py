@@ -18,6 +18,7 @@ from pathlib import Path
 import platformdirs
 
 from garrison import config as config_mod
+from garrison.auth.service import AuthService
 from garrison.config import Config, parse_hostport
 from garrison.fsutil import ensure_private_dir
 from garrison.http.server import ServerState, bind_socket, drain, serve_https, serve_redirect
@@ -26,6 +27,7 @@ from garrison.pki.ca import CertificateAuthority
 from garrison.pki.server_cert import ServerCertificate, ensure_server_certificate
 from garrison.pki.tls import TLSConfigError, reload_context, server_context
 from garrison.runtime import Runtime, build_runtime
+from garrison.store.db import default_url, open_store
 
 log = logging.getLogger("garrison")
 
@@ -119,6 +121,7 @@ class Gateway:
         self.https_port = 0
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.auth: AuthService | None = None
 
     async def start(self, https_sock: socket.socket, redirect_sock: socket.socket | None) -> None:
         self.ca, self.server_cert = prepare_certificates(self.data_dir, self.config)
@@ -126,6 +129,8 @@ class Gateway:
             self.config.server.tls_profile, self.server_cert.cert_path, self.server_cert.key_path
         )
         self._loaded_pem = self.server_cert.cert_path.read_bytes()
+        self.auth = AuthService(open_store(default_url(self.data_dir)), self.config.auth)
+        await self.auth.start()
         self.state = ServerState(self._build_runtime(self.config))
         self.https_port = https_sock.getsockname()[1]
         self.servers.append(await serve_https(https_sock, self.ssl_context, self.state))
@@ -139,7 +144,9 @@ class Gateway:
         self._tasks.append(asyncio.ensure_future(self._periodic()))
 
     def _build_runtime(self, config: Config) -> Runtime:
-        return build_runtime(config, self.access_log)
+        assert self.auth is not None
+        self.auth.configure(config.auth)
+        return build_runtime(config, self.access_log, self.auth)
 
     async def reload(self) -> bool:
         """Re-read the config and certificates; on any error keep serving with the old ones."""
@@ -219,6 +226,8 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         self.state.runtime.close()
+        if self.auth is not None:
+            await self.auth.stop()
         self.access_log.flush()
         self._stopped.set()
 

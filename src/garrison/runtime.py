@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from garrison.auth.service import AuthService
 from garrison.config import Config, TimeoutsConfig
 from garrison.http.upstream import UpstreamPool
 from garrison.observe.accesslog import AccessLog
+from garrison.pipeline.auth_endpoints import AuthEndpoints
+from garrison.pipeline.authorise import Authorise
 from garrison.pipeline.endpoints import GatewayEndpoints
 from garrison.pipeline.exchange import Headers
 from garrison.pipeline.forwarding import Forwarding
+from garrison.pipeline.identify import Identify
 from garrison.pipeline.pipeline import Pipeline
 from garrison.pipeline.routes import RouteTable
 from garrison.pipeline.routing import RouteMatch
@@ -49,7 +53,7 @@ def security_headers(config: Config) -> Headers:
     return headers
 
 
-def build_runtime(config: Config, access_log: AccessLog) -> Runtime:
+def build_runtime(config: Config, access_log: AccessLog, auth: AuthService) -> Runtime:
     """Build the pipeline and pools for `config` (the request path's shape lives here)."""
     pools = {
         u.name: UpstreamPool(
@@ -58,13 +62,18 @@ def build_runtime(config: Config, access_log: AccessLog) -> Runtime:
         for u in config.upstream
     }
     endpoints = GatewayEndpoints()
+    auth_endpoints = AuthEndpoints(auth)
+    auth_endpoints.register(endpoints)
+    forwarding = Forwarding(config.server.trusted_proxies)
     pipeline = Pipeline(
         [
             RequestTarget(),
+            forwarding,  # first: backoff and logs need the real client IP
             endpoints,
             RouteMatch(RouteTable(config.route)),
-            # identify, authorise and limit stages plug in here (later issues)
-            Forwarding(config.server.trusted_proxies),
+            Identify(auth, auth_endpoints.token),
+            Authorise(auth),
+            # limit stages plug in here (later issues)
         ]
     )
     return Runtime(

@@ -213,16 +213,19 @@ url = "{demo_app.url}"
 
 [[route]]
 path = "/app/"
+auth = ["none"]
 upstream = "ui"
 strip_prefix = true
 
 [[route]]
 path = "/demo/"
+auth = ["none"]
 upstream = "demo"
 strip_prefix = true
 
 [[route]]
 path = "/"
+auth = ["none"]
 upstream = "root"
 """
     gw = GatewayProcess([], tmp_path_factory.mktemp("gw-routed") / "data", config_text=config)

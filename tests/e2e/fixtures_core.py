@@ -72,6 +72,7 @@ url = "{upstream_url}"
 {routes}
 [[route]]
 path = "/"
+auth = ["none"]
 upstream = "app"
 """
 

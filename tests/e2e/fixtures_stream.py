@@ -51,6 +51,7 @@ url = "{upstream_url}"
 
 [[route]]
 path = "/"
+auth = ["none"]
 upstream = "app"
 """
 

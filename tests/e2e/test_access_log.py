@@ -65,6 +65,7 @@ url = "http://127.0.0.1:{_dead_port()}"
 
 [[route]]
 path = "/dead/"
+auth = ["none"]
 upstream = "dead"
 """
     with running_gateway(tmp_path_factory.mktemp("gw-log"), upstream.url, routes=routes) as gw:

@@ -62,6 +62,7 @@ url = "http://127.0.0.1:{closed_port()}"
         routes="""
 [[route]]
 path = "/down/"
+auth = ["none"]
 upstream = "down"
 """,
     )

@@ -26,7 +26,7 @@ from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.e2e
 
-STRIP_ROUTE = '[[route]]\npath = "/app/"\nupstream = "app"\nstrip_prefix = true\n'
+STRIP_ROUTE = '[[route]]\npath = "/app/"\nauth = ["none"]\nupstream = "app"\nstrip_prefix = true\n'
 OURS = ("x-forwarded-for", "x-real-ip", "x-forwarded-proto", "x-forwarded-host")
 
 SPOOFED = [

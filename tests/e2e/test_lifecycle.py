@@ -37,6 +37,7 @@ pytestmark = pytest.mark.e2e
 NEW_ROUTE = """
 [[route]]
 path = "/v2/"
+auth = ["none"]
 upstream = "app"
 strip_prefix = true
 """

@@ -27,7 +27,7 @@ from tests.support.upstream import FakeUpstream
 pytestmark = pytest.mark.e2e
 
 HOST = "gateway.example"  # the absolute-form variants name this host
-STRIP_ROUTE = '[[route]]\npath = "/app/"\nupstream = "app"\nstrip_prefix = true\n'
+STRIP_ROUTE = '[[route]]\npath = "/app/"\nauth = ["none"]\nupstream = "app"\nstrip_prefix = true\n'
 
 
 @pytest.fixture(scope="module")

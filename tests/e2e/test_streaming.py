@@ -55,6 +55,7 @@ url = "{control.url}"
 
 [[route]]
 path = "/control/"
+auth = ["none"]
 upstream = "control"
 strip_prefix = true
 """

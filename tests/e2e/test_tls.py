@@ -60,7 +60,7 @@ def gw(
         upstream.url,
         server=f'hostnames = {HOSTNAMES!r}\nhttp_listen = "127.0.0.1:0"\n',
         upstreams=f'[[upstream]]\nname = "down"\nurl = "http://127.0.0.1:{closed_port()}"\n',
-        routes='[[route]]\npath = "/down/"\nupstream = "down"\n',
+        routes='[[route]]\npath = "/down/"\nauth = ["none"]\nupstream = "down"\n',
     ).replace('listen = "127.0.0.1:0"', f'listen = "{listen}"', 1)
     with running_gateway(tmp_path_factory.mktemp("tls"), text) as gateway:
         yield gateway

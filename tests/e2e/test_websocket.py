@@ -44,6 +44,7 @@ url = "{ws_upstream.url}"
 
 [[route]]
 path = "/ctl/"
+auth = ["none"]
 upstream = "wsctl"
 strip_prefix = true
 """

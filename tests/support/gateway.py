@@ -17,6 +17,8 @@ from pathlib import Path
 LISTEN_RE = re.compile(r"listening on https://(\S+):(\d+)")
 REDIRECT_RE = re.compile(r"redirect listener on http://(\S+):(\d+)")
 CA_RE = re.compile(r"CA certificate \(trust this\): (\S+)")
+ADMIN_PASSWORD = "test-admin-password-0123456789"
+"""The first admin's password in test gateways (given by env, as an operator would)."""
 
 
 class GatewayProcess:
@@ -42,7 +44,12 @@ class GatewayProcess:
         if not explicit_listen and (config_text is None or "listen" not in config_text):
             cmd += ["--listen", "127.0.0.1:0"]
         cmd += args
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "GARRISON_ADMIN_PASSWORD": ADMIN_PASSWORD,
+            **(env or {}),
+        }
         self.proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,

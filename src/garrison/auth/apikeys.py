@@ -8,8 +8,8 @@ nothing here: it exists to slow down guessing of low-entropy human passwords, wh
 256-bit random secret cannot be brute-forced from its hash, and a fast hash keeps
 verification cheap enough to run on a cache miss in the request path.
 
-Not yet wired into the pipeline: the identify stage caches verified keys and batches
-`record_use` so that a request never waits on a database write (issue 3, acceptance 4).
+The identify stage caches verified keys (auth/service.py) and batches `record_use`, so a
+request never waits on a database read or write once its key is known.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from sqlalchemy import Engine, bindparam, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from garrison.store.db import api_keys
+from garrison.store.events import publish
 
 PREFIX = "gk_"
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
@@ -194,6 +195,7 @@ class ApiKeys:
                 .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
                 .values(revoked_at=now, previous_hash=None, previous_valid_until=None)
             )
+            publish(conn, "key", key_id, now)
             row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
         if row is None:
             raise UnknownApiKey(f"no API key with id {key_id!r}")
@@ -229,6 +231,7 @@ class ApiKeys:
             )
             if result.rowcount != 1:
                 raise ApiKeyError(f"API key {key_id} was changed concurrently; try again")
+            publish(conn, "key", key_id, now)
         return f"{PREFIX}{key_id}_{secret}"
 
     def verify(self, presented: str, now: float | None = None) -> KeyRecord | None:

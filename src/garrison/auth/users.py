@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from garrison.auth.passwords import dummy_verify, hash_password, needs_rehash, verify_password
 from garrison.store.db import users
+from garrison.store.events import publish
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 ROLE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -41,6 +42,7 @@ class User:
     disabled: bool
     failed_logins: int
     locked_until: float | None
+    credentials_changed_at: float | None = None
 
     def locked(self, now: float) -> bool:
         """Whether a login attempt at `now` is refused without looking at the password."""
@@ -105,6 +107,7 @@ def _to_user(row: Any) -> User:
         disabled=bool(row.disabled),
         failed_logins=int(row.failed_logins),
         locked_until=row.locked_until,
+        credentials_changed_at=getattr(row, "credentials_changed_at", None),
     )
 
 
@@ -115,6 +118,7 @@ _PUBLIC_COLUMNS = (
     users.c.disabled,
     users.c.failed_logins,
     users.c.locked_until,
+    users.c.credentials_changed_at,
 )
 
 
@@ -151,6 +155,7 @@ class Users:
                         updated_at=now,
                     )
                 )
+                publish(conn, "user", name, now)
         except IntegrityError:
             raise UserError(f"user {name!r} already exists") from None
         return User(name, email, tuple(role_list), False, 0, None)
@@ -174,11 +179,14 @@ class Users:
             result = conn.execute(
                 users.update().where(users.c.name == name).values(updated_at=time.time(), **values)
             )
+            if result.rowcount:
+                publish(conn, "user", name)
         if result.rowcount == 0:
             raise UserError(f"no such user {name!r}")
 
     def disable(self, name: str) -> None:
-        self._update(name, disabled=True)
+        """Disable the account; its sessions and the tokens Garrison issued to it die with it."""
+        self._update(name, disabled=True, credentials_changed_at=time.time())
 
     def enable(self, name: str) -> None:
         self._update(name, disabled=False)
@@ -187,7 +195,13 @@ class Users:
         """New password; also lifts any lockout, since the operator vouches for the user."""
         check_name(name)
         password_hash = _password_hash(password)
-        self._update(name, password_hash=password_hash, failed_logins=0, locked_until=None)
+        self._update(
+            name,
+            password_hash=password_hash,
+            failed_logins=0,
+            locked_until=None,
+            credentials_changed_at=time.time(),
+        )
 
     def set_roles(self, name: str, roles: Iterable[str]) -> None:
         self._update(name, roles=_check_roles(roles))
@@ -236,6 +250,7 @@ class Users:
                     .where(users.c.name == name)
                     .values(locked_until=now + lock_seconds(failures))
                 )
+                publish(conn, "user", name, now)
 
     def _record_success(self, name: str, password: str, old_hash: str, user: User) -> None:
         values: dict[str, Any] = {}

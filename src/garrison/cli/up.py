@@ -6,7 +6,10 @@ import sys
 from pathlib import Path
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
+from garrison.auth.bootstrap import ensure_admin
+from garrison.auth.users import UserError
 from garrison.cli.options import config_option, data_dir_option
 from garrison.config import ConfigError
 from garrison.gateway import UpOptions, prepare_certificates, resolve_data_dir
@@ -38,6 +41,11 @@ def _fail_config(error: ConfigError) -> None:
     help="Processes sharing the ports (SO_REUSEPORT).",
 )
 @click.option("--demo", is_flag=True, help="Start the bundled demo AI app and protect it.")
+@click.option(
+    "--admin-password-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Password for the first `admin` account (else $GARRISON_ADMIN_PASSWORD, else random).",
+)
 @data_dir_option
 @config_option
 def up(
@@ -47,6 +55,7 @@ def up(
     hostnames: tuple[str, ...],
     workers: int,
     demo: bool,
+    admin_password_file: Path | None,
     data_dir: Path | None,
     config_file: Path | None,
 ) -> None:
@@ -89,13 +98,19 @@ def up(
             click.echo(f"garrison: cannot prepare certificates: {exc}", err=True)
             sys.exit(1)
         say(f"data dir {directory}")
+        try:
+            _first_admin(directory, admin_password_file)
+        except (UserError, OSError, SQLAlchemyError) as exc:
+            click.echo(f"garrison: cannot prepare the user store: {exc}", err=True)
+            sys.exit(1)
         say(f"CA certificate (trust this): {ca.cert_path}")
         say(
             f"server certificate for {', '.join(cert.names)}, valid until {cert.not_after:%Y-%m-%d}"
         )
         for route in config.route:
             target = config.upstream_by_name(route.upstream).url
-            say(f"route {route.path} -> {target}")
+            access = "public" if route.public else "auth " + "|".join(route.auth)
+            say(f"route {route.path} -> {target} ({access})")
         try:
             code = run(options, config, directory)
         except OSError as exc:
@@ -107,6 +122,21 @@ def up(
         if demo_process is not None:
             demo_process.stop()
     sys.exit(code)
+
+
+def _first_admin(directory: Path, password_file: Path | None) -> None:
+    created = ensure_admin(directory, password_file)
+    if created is None:
+        return
+    password, generated = created
+    if generated:
+        # stdout only, never the log: shown once, like a key from `garrison key create`.
+        click.echo(
+            f"garrison: created user 'admin' with password: {password}\n"
+            "garrison: (shown once; change it with: garrison user passwd admin)"
+        )
+    else:
+        say("created user 'admin' with the password you gave")
 
 
 @click.command()

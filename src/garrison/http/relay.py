@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from garrison.http import wire
 from garrison.http.upstream import UpstreamConnection, UpstreamError, UpstreamPool
-from garrison.pipeline.exchange import Exchange, Reply, error_reply
+from garrison.pipeline.exchange import BodyTooLarge, Exchange, Reply, error_reply
 
 if TYPE_CHECKING:
     from garrison.http.downstream import DownstreamProtocol
@@ -74,6 +74,8 @@ class InFlight:
         self._reused = False
         self._retried = False
         self._tunnel = False
+        self._body_waiter: asyncio.Future[None] | None = None
+        ex.body_source = self
 
     # -- phase 1: the pipeline ----------------------------------------------------------------
     def start(self) -> None:
@@ -126,6 +128,33 @@ class InFlight:
             pool.release(conn)
             return
         self._attach(conn, reused=False)
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body, for a gateway endpoint that answers itself (login, token)."""
+        if not self.has_body:
+            return b""
+        if self.content_length is not None and self.content_length > limit:
+            raise BodyTooLarge
+        if self.expect_continue and self.body_received == 0 and not self.body_done:
+            self.expect_continue = False
+            self.down.write(wire.CONTINUE)
+        while not self.body_done:
+            if self._buffered > limit:
+                raise BodyTooLarge
+            self._body_waiter = asyncio.get_running_loop().create_future()
+            await self._body_waiter
+        data = b"".join(self._buffer)
+        self._buffer.clear()
+        self._buffered = 0
+        self.down.resume("body")
+        if len(data) > limit:
+            raise BodyTooLarge
+        return data
+
+    def _wake_body_reader(self) -> None:
+        waiter, self._body_waiter = self._body_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # -- phase 2: the request goes upstream -----------------------------------------------------
     def _attach(self, conn: UpstreamConnection, reused: bool) -> None:
@@ -183,9 +212,13 @@ class InFlight:
         self._buffered += len(data)
         if self._buffered > BODY_BUFFER_HIGH:
             self.down.pause("body")
+        if self._body_waiter is not None:
+            self._wake_body_reader()
 
     def request_complete(self) -> None:
         self.body_done = True
+        if self._body_waiter is not None:
+            self._wake_body_reader()
         if self.conn is not None and not self.done:
             self._end_body()
 

@@ -13,9 +13,20 @@ from html import escape
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from garrison.auth.identity import Identity
     from garrison.pipeline.routes import CompiledRoute
 
 Headers = list[tuple[bytes, bytes]]
+
+
+class BodySource(Protocol):
+    """The request body, for the few gateway endpoints that read one (login, token)."""
+
+    def read_body(self, limit: int) -> Awaitable[bytes]: ...
+
+
+class BodyTooLarge(Exception):
+    """The body is longer than the endpoint accepts."""
 
 
 @dataclass(slots=True)
@@ -39,6 +50,9 @@ class Exchange:
     response_headers: Headers = field(default_factory=list)
     started: float = 0.0
     stage: str = ""
+    identity: Identity | None = None
+    auth_error: str = ""
+    body_source: BodySource | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header (name lower-case), or None."""
@@ -46,6 +60,24 @@ class Exchange:
             if key == name:
                 return value
         return None
+
+    def cookie(self, name: str) -> str | None:
+        """The value of one cookie, or None. Parsed only when asked for."""
+        prefix = name + "="
+        for key, value in self.headers:
+            if key != b"cookie":
+                continue
+            for part in value.decode("latin-1").split(";"):
+                part = part.strip()
+                if part.startswith(prefix):
+                    return part[len(prefix) :]
+        return None
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole (small) request body; BodyTooLarge past `limit` bytes."""
+        if self.body_source is None:
+            return b""
+        return await self.body_source.read_body(limit)
 
     def wants_html(self) -> bool:
         """Browsers get HTML error pages; API clients (JSON or no text/html) get JSON."""
@@ -74,11 +106,13 @@ class Reply:
 
 _TITLES = {
     400: "Bad Request",
+    401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
     413: "Payload Too Large",
+    429: "Too Many Requests",
     414: "URI Too Long",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",

@@ -67,6 +67,4 @@ class Forwarding(Stage):
         extra.append((b"x-forwarded-proto", b"https" if ex.tls else b"http"))
         if ex.host:
             extra.append((b"x-forwarded-host", ex.host.encode("latin-1")))
-        if ex.forwarded_prefix:
-            extra.append((b"x-forwarded-prefix", ex.forwarded_prefix.encode()))
         return None

@@ -39,6 +39,11 @@ class CompiledRoute:
     strip_prefix: bool = False
     deny: tuple[str, ...] = ()
     index: int = 0
+    auth: frozenset[str] = frozenset({"session", "api_key", "jwt"})
+    allow_scopes: frozenset[str] = frozenset()
+    allow_roles: frozenset[str] = frozenset()
+    allow_users: frozenset[str] = frozenset()
+    token_alias: str | None = None
     base: str = field(init=False, repr=False, compare=False, default="")
 
     def __post_init__(self) -> None:
@@ -53,7 +58,22 @@ class CompiledRoute:
     @classmethod
     def from_config(cls, config: RouteConfig, index: int) -> CompiledRoute:
         """Compile one ``[[route]]`` entry; ``index`` is its position in the config."""
-        return cls(config.path, config.upstream, config.strip_prefix, tuple(config.deny), index)
+        return cls(
+            config.path,
+            config.upstream,
+            config.strip_prefix,
+            tuple(config.deny),
+            index,
+            auth=frozenset(config.auth),
+            allow_scopes=frozenset(config.allow.scopes),
+            allow_roles=frozenset(config.allow.roles),
+            allow_users=frozenset(config.allow.users),
+            token_alias=config.token_alias,
+        )
+
+    @property
+    def public(self) -> bool:
+        return "none" in self.auth
 
     def denies(self, path: str) -> bool:
         """Whether a normalised path falls under one of this route's deny prefixes."""

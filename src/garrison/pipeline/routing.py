@@ -27,6 +27,8 @@ class RouteMatch(Stage):
         ex.route = route
         upstream_path, prefix = route.upstream_path(ex.path)
         ex.forwarded_prefix = prefix
+        if prefix:
+            ex.upstream_headers.append((b"x-forwarded-prefix", prefix.encode()))
         target = encode_path(upstream_path)
         ex.upstream_target = target + b"?" + ex.query if ex.query else target
         return None

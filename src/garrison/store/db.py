@@ -97,6 +97,14 @@ events = Table(
     Column("at", Float, nullable=False),
 )
 
+settings = Table(
+    "settings",
+    metadata,
+    # Small shared values every process must agree on (the session cookie MAC key).
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
 schema_info = Table(
     "schema_info",
     metadata,

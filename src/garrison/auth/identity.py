@@ -1,0 +1,33 @@
+"""Who is calling, once identified: the one shape every credential turns into.
+
+Identities are cached (per session, per API key, per token) and shared by every request that
+presents the same credential, so whatever is derived from them for the upstream (the identity
+headers, the signed assertion) is computed once per identity, not per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from garrison.pipeline.exchange import Headers
+
+
+@dataclass(slots=True, eq=False)
+class Identity:
+    """A verified caller. `scopes` None means not scope-restricted (a person, not a credential)."""
+
+    method: str  # "session" | "api_key" | "jwt"
+    name: str
+    email: str | None = None
+    roles: tuple[str, ...] = ()
+    scopes: frozenset[str] | None = None
+    key_id: str | None = None
+    session_hash: str | None = None
+    valid_until: float = float("inf")
+    # Upstream headers per upstream name, built lazily and reused until the assertion expires.
+    headers: dict[str, tuple[Headers, float]] = field(default_factory=dict)
+
+
+def header_value(text: str) -> bytes:
+    """A header-safe rendering: names and roles are validated, but external JWT claims are not."""
+    return "".join(c for c in text if 32 <= ord(c) < 127).encode("ascii")

@@ -1,0 +1,115 @@
+"""Stage: who is calling (DESIGN §1 "identify"), from the credentials the route accepts.
+
+Order: an `Authorization: Bearer` header (a Garrison API key `gk_...` or a JWT), then
+`X-API-Key`, then the session cookie. A credential that is presented but wrong is an error
+(`ex.auth_error`), never silently skipped in favour of another one. The credential Garrison
+consumed is removed from what the upstream receives: the app never sees a key, a token or a
+session id it could leak.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from garrison.auth.identity import Identity
+from garrison.auth.service import AuthFailure, AuthService
+from garrison.auth.sessions import COOKIE
+from garrison.pipeline.exchange import Exchange, Reply
+from garrison.pipeline.pipeline import Stage, StageResult
+
+Resolver = Callable[[str, float], Identity | Awaitable[Identity] | None]
+_COOKIE_PREFIX = COOKIE.encode() + b"="
+
+
+class Identify(Stage):
+    name = "identify"
+
+    def __init__(
+        self, auth: AuthService, token_endpoint: Callable[[Exchange], StageResult]
+    ) -> None:
+        self.auth = auth
+        self.token_endpoint = token_endpoint
+
+    def __call__(self, ex: Exchange) -> StageResult:
+        route = ex.route
+        assert route is not None
+        if route.token_alias is not None and ex.path == route.token_alias:
+            return self.token_endpoint(ex)
+        if route.public:
+            return None
+        methods = route.auth
+        authorization = api_key = None
+        has_cookie = False
+        for name, value in ex.headers:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"x-api-key":
+                api_key = value
+            elif name == b"cookie":
+                has_cookie = True
+        now = time.time()
+        if authorization is not None:
+            scheme, _, credential = authorization.partition(b" ")
+            if scheme.lower() != b"bearer" or not credential.strip():
+                ex.auth_error = "use Authorization: Bearer <API key or token>"
+                return None
+            text = credential.strip().decode("latin-1")
+            _drop(ex, b"authorization")
+            if text.startswith("gk_"):
+                if "api_key" not in methods:
+                    ex.auth_error = "API keys are not accepted on this route"
+                    return None
+                return self._resolve(ex, self.auth.identify_key, text, now)
+            if "jwt" not in methods:
+                ex.auth_error = "bearer tokens are not accepted on this route"
+                return None
+            return self._resolve(ex, self.auth.identify_token, text, now)
+        if api_key is not None:
+            _drop(ex, b"x-api-key")
+            if "api_key" not in methods:
+                ex.auth_error = "API keys are not accepted on this route"
+                return None
+            return self._resolve(ex, self.auth.identify_key, api_key.decode("latin-1"), now)
+        if has_cookie and "session" in methods:
+            cookie = ex.cookie(COOKIE)
+            if cookie is not None:
+                _drop_cookie(ex)
+                return self._resolve(ex, self.auth.identify_session, cookie, now)
+        return None
+
+    def _resolve(self, ex: Exchange, resolver: Resolver, text: str, now: float) -> StageResult:
+        try:
+            result = resolver(text, now)
+        except AuthFailure as exc:
+            ex.auth_error = str(exc)
+            return None
+        if result is None or isinstance(result, Identity):
+            ex.identity = result
+            return None
+        return self._wait(ex, result)
+
+    @staticmethod
+    async def _wait(ex: Exchange, pending: Awaitable[Identity | None]) -> Reply | None:
+        try:
+            ex.identity = await pending
+        except AuthFailure as exc:
+            ex.auth_error = str(exc)
+        return None
+
+
+def _drop(ex: Exchange, header: bytes) -> None:
+    ex.headers = [(n, v) for n, v in ex.headers if n != header]
+
+
+def _drop_cookie(ex: Exchange) -> None:
+    """Remove the session cookie (and only it) from the Cookie header(s) sent upstream."""
+    kept: list[tuple[bytes, bytes]] = []
+    for name, value in ex.headers:
+        if name == b"cookie":
+            parts = [p for p in value.split(b";") if not p.strip().startswith(_COOKIE_PREFIX)]
+            value = b";".join(parts).strip()
+            if not value:
+                continue
+        kept.append((name, value))
+    ex.headers = kept
