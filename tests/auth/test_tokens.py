@@ -283,6 +283,8 @@ ATTACKS: list[tuple[str, Build, str]] = [
     ("missing-exp", _own_signed(exp=None), "missing exp claim"),
     ("exp-is-a-string", _own_signed(exp="9999999999"), "invalid exp claim"),
     ("exp-is-bool", _own_signed(exp=True), "invalid exp claim"),
+    ("exp-too-large-for-a-float", _own_signed(exp=10**400), "invalid exp claim"),
+    ("nbf-is-a-list", _own_signed(nbf=[1]), "invalid nbf claim"),
     ("missing-sub", _own_signed(sub=None), "missing subject"),
     (
         "crit-header",
@@ -370,8 +372,18 @@ def test_exp_within_leeway_is_accepted(env: Env) -> None:
 def test_issue_refuses_bad_arguments(env: Env) -> None:
     with pytest.raises(ValueError):
         env.issuer.issue("alice", lifetime=3601, now=T0)  # longer than its key is published
-    with pytest.raises(ValueError):
-        env.issuer.issue("alice", lifetime=60, extra={"sub": "root"}, now=T0)
+    for claim in ("sub", "iss", "aud", "exp", "nbf", "iat", "jti"):
+        with pytest.raises(ValueError):
+            env.issuer.issue("alice", lifetime=60, extra={claim: "x"}, now=T0)
+
+
+def test_extra_may_carry_scope_and_iat_is_exact(env: Env) -> None:
+    now = T0 + 0.75
+    token = env.issuer.issue("alice", lifetime=60, extra={"scope": "a b", "amr": ["pwd"]}, now=now)
+    claims = env.verifier.verify(token, now=now)
+    assert claims.scopes == ("a", "b")
+    assert claims.issued_at == now  # not floored: never older than a change a moment before
+    assert jwt.decode(token, options={"verify_signature": False})["nbf"] == int(now)
 
 
 def test_token_from_retired_key_verifies_until_it_expires(env: Env) -> None:

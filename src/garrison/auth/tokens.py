@@ -51,7 +51,9 @@ _EC_CURVES = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
 _EC_KEY_CURVES = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 _HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 _MIN_RSA_BITS = 2048
-_RESERVED = frozenset({"iss", "sub", "aud", "iat", "nbf", "exp", "jti", "roles", "email", "scope"})
+# Claims that verification depends on; `extra` may not set them (roles, email and scope it may,
+# and the keyword arguments win when given).
+_RESERVED = frozenset({"iss", "sub", "aud", "iat", "nbf", "exp", "jti"})
 # Time and signature are checked by us (injectable `now`, exact reasons); PyJWT checks the rest.
 _DECODE_OPTIONS: Any = {
     "verify_signature": True,
@@ -179,20 +181,22 @@ class TokenIssuer:
         now: float | None = None,
     ) -> str:
         """A signed token. `lifetime` may not exceed the keys' max_token_lifetime: a retired key
-        is published only that long, so a longer-lived token would outlive its key."""
+        is published only that long, so a longer-lived token would outlive its key.
+
+        `iat` is the exact time (a float NumericDate), so a token issued just after a password
+        change never looks older than the change; `nbf` and `exp` are whole seconds."""
         if not 0 < lifetime <= self._keys.max_token_lifetime:
             raise ValueError("lifetime must be more than 0 and at most max_token_lifetime")
         if extra and _RESERVED.intersection(extra):
             raise ValueError(f"extra claims may not set {sorted(_RESERVED.intersection(extra))}")
         now = time.time() if now is None else now
-        issued = int(now)
         payload: dict[str, object] = dict(extra or {})
         payload.update(
             iss=self.issuer,
             sub=subject,
             aud=audience if audience is not None else self.audience,
-            iat=issued,
-            nbf=issued,
+            iat=now,
+            nbf=int(now),
             exp=int(now + lifetime),
             jti=secrets.token_urlsafe(16),
             roles=list(roles),
@@ -413,7 +417,10 @@ def _time(payload: Mapping[str, Any], name: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidToken(f"invalid {name} claim")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        raise InvalidToken(f"invalid {name} claim") from None
     if not math.isfinite(number):
         raise InvalidToken(f"invalid {name} claim")
     return number
