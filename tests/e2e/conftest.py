@@ -21,12 +21,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import ADMIN_PASSWORD, GatewayProcess
 from tests.support.upstream import FakeUpstream
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,6 +45,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 STARTUP_TIMEOUT_S = 90.0
+LOGIN_TIMEOUT_MS = 30_000
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +246,57 @@ def demo_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayPr
         yield gw
     finally:
         gw.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_key(demo_gateway: GatewayProcess) -> str:
+    """An API key for `demo_gateway`, made with the CLI as an operator would."""
+    return create_key(demo_gateway.data_dir, "demo-peers", owner="admin")
+
+
+def garrison_cli(*args: str, data_dir: Path, stdin: str | None = None) -> str:
+    """Run `python -m garrison ARGS --data-dir DIR`; it must succeed. Returns its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-m", "garrison", *args, "--data-dir", str(data_dir)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, f"garrison {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+def create_key(
+    data_dir: Path, name: str, scopes: tuple[str, ...] = ("chat",), owner: str | None = None
+) -> str:
+    """`garrison key create`: the key, as printed alone on stdout (`gk_<id>_<secret>`)."""
+    args = ["key", "create", name, *(a for s in scopes for a in ("--scope", s))]
+    if owner is not None:
+        args += ["--owner", owner]
+    key = garrison_cli(*args, data_dir=data_dir).strip()
+    assert re.fullmatch(r"gk_[A-Za-z0-9]{12}_\S+", key), key
+    return key
+
+
+def revoke_key(data_dir: Path, key: str) -> None:
+    """`garrison key revoke ID`, ID being the 12 characters after `gk_`."""
+    garrison_cli("key", "revoke", key[3:15], data_dir=data_dir)
+
+
+def log_in(page: Any, gw: GatewayProcess, path: str) -> None:
+    """Open `path` unauthenticated, land on the real login page, sign in as admin through the
+    form, and come back to `path` (which is then loaded)."""
+    page.goto(gw.url + path, wait_until="load")
+    login = f"{gw.url}/.garrison/login?next={quote(path, safe='')}"
+    assert page.url == login, f"not sent to the login page: {page.url}"
+    page.fill("#username", "admin")
+    page.fill("#password", ADMIN_PASSWORD)
+    with page.expect_navigation(url=gw.url + path, wait_until="load", timeout=LOGIN_TIMEOUT_MS):
+        page.click("button[type=submit]")
+    assert page.url == gw.url + path
+    cookies = [c for c in page.context.cookies(gw.url) if c["name"] == "__Host-garrison"]
+    assert len(cookies) == 1 and cookies[0]["secure"] and cookies[0]["httpOnly"], cookies
 
 
 def ca_file(gw: GatewayProcess) -> Path:

@@ -4,8 +4,9 @@ Chromium ignores SSL_CERT_FILE, so each browser is launched with
 `--ignore-certificate-errors-spki-list` holding the hash of the key the gateway serves: every
 other certificate error still fails the navigation (ignore_https_errors stays False).
 The Gradio UI is exercised at `/` and under `/app/` (see test_peers_gradio for root_path), the
-demo page at `/` (`garrison up --demo`) and under `/demo/`. A screenshot of each lands in
-test-artifacts/.
+demo page at `/` (`garrison up --demo`) and under `/demo/`. `garrison up --demo` protects `/`
+by default, so that page is reached by signing in through the gateway's login form first; the
+routed gateway's routes are explicitly public. A screenshot of each lands in test-artifacts/.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS, spki_hash
+from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS, log_in, spki_hash
 from tests.support.gateway import GatewayProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -132,8 +133,8 @@ def test_gradio_ui_through_gateway(
 
 
 @pytest.mark.parametrize(
-    ("which", "path", "shot"),
-    [("demo", "/", "demo_page"), ("routed", "/demo/", "demo_page_subpath")],
+    ("which", "path", "shot", "protected"),
+    [("demo", "/", "demo_page", True), ("routed", "/demo/", "demo_page_subpath", False)],
 )
 def test_demo_page_through_gateway(
     browser: Any,
@@ -143,13 +144,17 @@ def test_demo_page_through_gateway(
     which: str,
     path: str,
     shot: str,
+    protected: bool,
 ) -> None:
-    """`garrison up --demo` at `/`, and the standalone demo app under a stripped `/demo/`."""
+    """`garrison up --demo` at `/` (protected: sign in first), and the standalone demo app under
+    a stripped, public `/demo/`."""
     gw: GatewayProcess = request.getfixturevalue(f"{which}_gateway")
     context = browser.new_context(ignore_https_errors=False)
     page = context.new_page()
     traffic = Traffic(page)
     try:
+        if protected:
+            log_in(page, gw, path)
         resp = page.goto(gw.url + path, wait_until="load")
         assert resp is not None and resp.status == 200
         page.wait_for_function(
