@@ -1,8 +1,10 @@
 """`garrison up --demo` driven by real clients: the openai SDK, curl, aiohttp (upload, WebSocket).
 
 Every client verifies the gateway's certificate against the CA it printed; nothing uses -k or
-verify=False. The demo app's test knobs (`x_delay_ms`, `x_tokens`) make timing-dependent
-behaviour (an SSE event flushed before the next one exists) observable without clocks.
+verify=False. `--demo` protects `/` by default, so every client sends an API key made with
+`garrison key create`; a wrong key and no key are refused. The demo app's test knobs
+(`x_delay_ms`, `x_tokens`) make timing-dependent behaviour (an SSE event flushed before the next
+one exists) observable without clocks.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import aiohttp
 import httpx
@@ -26,16 +29,16 @@ from tests.support.gateway import GatewayProcess
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def oai(demo_gateway: GatewayProcess) -> Iterator[openai.OpenAI]:
-    http = httpx.Client(verify=trust(demo_gateway))
-    client = openai.OpenAI(
-        base_url=demo_gateway.url + "/v1",
-        api_key="x",
-        http_client=http,
-        max_retries=0,
-        timeout=60,
+def _client(gw: GatewayProcess, http: httpx.Client, api_key: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=gw.url + "/v1", api_key=api_key, http_client=http, max_retries=0, timeout=60
     )
+
+
+@pytest.fixture(scope="module")
+def oai(demo_gateway: GatewayProcess, demo_key: str) -> Iterator[openai.OpenAI]:
+    http = httpx.Client(verify=trust(demo_gateway))
+    client = _client(demo_gateway, http, demo_key)
     try:
         yield client
     finally:
@@ -48,8 +51,45 @@ def tls(demo_gateway: GatewayProcess) -> ssl.SSLContext:
     return trust(demo_gateway)
 
 
+@pytest.fixture(scope="module")
+def auth(demo_key: str) -> dict[str, str]:
+    """The header every non-SDK client here sends."""
+    return {"Authorization": f"Bearer {demo_key}"}
+
+
 def test_models(oai: openai.OpenAI) -> None:
     assert [m.id for m in oai.models.list()] == ["garrison-demo"]
+
+
+def _wrong_keys(key: str) -> list[str]:
+    """The real key's id with another secret (well-formed), and something not a key at all."""
+    secret = key[16:]
+    other = ("A" if secret[0] != "A" else "B") + secret[1:]
+    return [f"{key[:16]}{other}", "sk-not-a-garrison-key"]
+
+
+def test_wrong_key_and_no_key_are_refused(
+    oai: openai.OpenAI, demo_gateway: GatewayProcess, demo_key: str
+) -> None:
+    messages: Any = [{"role": "user", "content": "let me in"}]
+    assert oai.chat.completions.create(model="garrison-demo", messages=messages).choices
+    with httpx.Client(verify=trust(demo_gateway)) as http:
+        for wrong in _wrong_keys(demo_key):
+            bad = _client(demo_gateway, http, wrong)
+            with pytest.raises(openai.AuthenticationError) as refused:
+                bad.chat.completions.create(model="garrison-demo", messages=messages)
+            assert refused.value.status_code == 401
+            assert refused.value.code == "invalid_token", refused.value.body
+            challenge = refused.value.response.headers["www-authenticate"]
+            assert challenge.startswith('Bearer realm="garrison"')
+            assert 'error="invalid_token"' in challenge
+        anonymous = http.post(
+            demo_gateway.url + "/v1/chat/completions",
+            json={"model": "garrison-demo", "messages": messages},
+        )
+    assert anonymous.status_code == 401, anonymous.text
+    assert anonymous.json()["error"]["code"] == "authentication_required"
+    assert anonymous.headers["www-authenticate"].startswith('Bearer realm="garrison"')
 
 
 def test_chat_non_stream(oai: openai.OpenAI) -> None:
@@ -91,7 +131,7 @@ def _stats(http: httpx.Client, base: str) -> dict[str, int]:
 
 
 def test_sse_is_not_buffered_and_disconnect_cancels_upstream(
-    demo_gateway: GatewayProcess,
+    demo_gateway: GatewayProcess, auth: dict[str, str]
 ) -> None:
     """The next token is ten minutes away: the first must still arrive, and leaving must
     stop the app's stream (the GPU would otherwise keep generating for nobody)."""
@@ -102,7 +142,7 @@ def test_sse_is_not_buffered_and_disconnect_cancels_upstream(
         "x_delay_ms": 600_000,
     }
     timeout = httpx.Timeout(60.0)
-    with httpx.Client(verify=trust(demo_gateway), timeout=timeout) as http:
+    with httpx.Client(verify=trust(demo_gateway), timeout=timeout, headers=auth) as http:
         before = _stats(http, demo_gateway.url)
         first = ""
         with http.stream("POST", demo_gateway.url + "/v1/chat/completions", json=body) as resp:
@@ -126,7 +166,9 @@ def test_sse_is_not_buffered_and_disconnect_cancels_upstream(
     assert after["streams_active"] == 0
 
 
-def test_upload_streams_through(demo_gateway: GatewayProcess, tls: ssl.SSLContext) -> None:
+def test_upload_streams_through(
+    demo_gateway: GatewayProcess, tls: ssl.SSLContext, auth: dict[str, str]
+) -> None:
     data = hashlib.sha256(b"upload").digest() * (6 * 1024 * 1024 // 32)
     want = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -136,7 +178,7 @@ def test_upload_streams_through(demo_gateway: GatewayProcess, tls: ssl.SSLContex
                 yield data[i : i + 128 * 1024]
 
         conn = aiohttp.TCPConnector(ssl=tls)
-        async with aiohttp.ClientSession(connector=conn) as session:
+        async with aiohttp.ClientSession(connector=conn, headers=auth) as session:
             async with session.post(demo_gateway.url + "/upload", data=chunks()) as resp:
                 assert resp.status == 200, await resp.text()
                 raw = await resp.json()
@@ -152,11 +194,13 @@ def test_upload_streams_through(demo_gateway: GatewayProcess, tls: ssl.SSLContex
     assert multi == want
 
 
-def test_websocket_echo_through(demo_gateway: GatewayProcess, tls: ssl.SSLContext) -> None:
+def test_websocket_echo_through(
+    demo_gateway: GatewayProcess, tls: ssl.SSLContext, auth: dict[str, str]
+) -> None:
     async def go() -> list[object]:
         conn = aiohttp.TCPConnector(ssl=tls)
         async with (
-            aiohttp.ClientSession(connector=conn) as session,
+            aiohttp.ClientSession(connector=conn, headers=auth) as session,
             session.ws_connect(demo_gateway.url.replace("https", "wss") + "/ws") as ws,
         ):
             got = []
@@ -180,16 +224,21 @@ def _curl(curl: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_curl_trusts_the_printed_ca(curl: str, demo_gateway: GatewayProcess) -> None:
+def test_curl_trusts_the_printed_ca(
+    curl: str, demo_gateway: GatewayProcess, auth: dict[str, str]
+) -> None:
     ca = str(ca_file(demo_gateway))
     port = demo_gateway.port
-    by_ip = _curl(curl, "--cacert", ca, f"https://127.0.0.1:{port}/healthz")
+    header = "Authorization: " + auth["Authorization"]
+    by_ip = _curl(curl, "--cacert", ca, "-H", header, f"https://127.0.0.1:{port}/healthz")
     assert by_ip.returncode == 0, by_ip.stderr
     assert json.loads(by_ip.stdout) == {"ok": True}
     by_name = _curl(
         curl,
         "--cacert",
         ca,
+        "-H",
+        header,
         "--resolve",
         f"localhost:{port}:127.0.0.1",
         f"https://localhost:{port}/",
