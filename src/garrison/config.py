@@ -240,8 +240,21 @@ class JwtIssuerConfig(_Model):
     key_file: Path | None = None
     secret_file: Path | None = None
     algorithms: list[
-        Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
-                "EdDSA", "HS256", "HS384", "HS512"]
+        Literal[
+            "RS256",
+            "RS384",
+            "RS512",
+            "PS256",
+            "PS384",
+            "PS512",
+            "ES256",
+            "ES384",
+            "ES512",
+            "EdDSA",
+            "HS256",
+            "HS384",
+            "HS512",
+        ]
     ] = Field(default_factory=lambda: ["RS256"])
     user_claim: str = "sub"
     email_claim: str = "email"
