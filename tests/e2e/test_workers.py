@@ -1,8 +1,10 @@
 """`--workers 2`: one port (also port 0) served by both workers; SIGHUP reaches them; SIGTERM
-stops them all with exit 0; a killed worker is restarted."""
+stops them all with exit 0; a killed worker is restarted; a key revoked with the CLI is refused
+by every worker within a bounded wait."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import signal
@@ -11,11 +13,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
+from tests.e2e.conftest import create_key, revoke_key
 from tests.e2e.fixtures_stream import (
     count_lines,
     fetch,
@@ -33,6 +37,8 @@ pytestmark = pytest.mark.e2e
 WORKERS = ("--workers", "2")
 ALT_NAME = "alt.garrison.test"
 HELD_CONNECTIONS = 24  # the chance that the kernel puts them all on one worker is 2**-23
+REVOKE_WAIT_S = 2.0  # workers poll the store's change feed every 0.25 s
+PROBE = "/revoke-probe"
 
 
 def workers(gw: GatewayProcess) -> list[psutil.Process]:
@@ -50,6 +56,49 @@ def listening(proc: psutil.Process, port: int) -> bool:
 def established(proc: psutil.Process, port: int) -> int:
     conns = proc.net_connections(kind="tcp")
     return sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+
+
+def keyed_round(gw: GatewayProcess, key: str) -> tuple[list[int], set[int | None]]:
+    """HELD_CONNECTIONS fresh connections held open at once, one keyed request on each.
+
+    Returns the statuses and the pids of the workers that accepted the connections (read from
+    the workers' sockets once every TLS handshake is done, so each connection has an owner)."""
+    conns: list[http.client.HTTPSConnection] = []
+    try:
+        for _ in range(HELD_CONNECTIONS):
+            conns.append(https(gw))
+            conns[-1].connect()
+        owner: dict[int, int] = {}
+        for kid in workers(gw):
+            for c in kid.net_connections(kind="tcp"):
+                if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == gw.port and c.raddr:
+                    owner[c.raddr.port] = kid.pid
+        pids = {owner.get(conn.sock.getsockname()[1]) for conn in conns}
+        statuses = []
+        for conn in conns:
+            conn.request("GET", PROBE, headers={"X-API-Key": key})
+            resp = conn.getresponse()
+            resp.read()
+            statuses.append(resp.status)
+    finally:
+        for conn in conns:
+            conn.close()
+    return statuses, pids
+
+
+@contextlib.contextmanager
+def protected_gateway(
+    tmp_path: Path, upstream: FakeUpstream, key_name: str
+) -> Iterator[tuple[GatewayProcess, str]]:
+    """`garrison up --upstream URL --workers 2` (route `/` needs a credential by default) with
+    an API key created by the CLI in its data dir before the start."""
+    data = tmp_path / "data"
+    key = create_key(data, key_name)
+    gw = GatewayProcess(["--upstream", upstream.url, *WORKERS], data)
+    try:
+        yield gw, key
+    finally:
+        gw.stop()
 
 
 def two_live_workers(gw: GatewayProcess) -> bool:
@@ -198,7 +247,9 @@ def test_a_worker_that_dies_during_start_up_is_replaced(
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:
     """A worker killed before it reported ready: the supervisor must not wait for it forever
-    (it did, deaf even to SIGTERM); it starts another and becomes ready."""
+    (it did, deaf even to SIGTERM); it starts another and becomes ready, and serves the
+    protected route to a key made with the CLI before the start."""
+    key = create_key(tmp_path / "data", "startup")
     cmd = [sys.executable, "-m", "garrison", "up", "--data-dir", str(tmp_path / "data")]
     cmd += ["--upstream", upstream.url, "--listen", "127.0.0.1:0", *WORKERS]
     proc = subprocess.Popen(
@@ -241,6 +292,10 @@ def test_a_worker_that_dies_during_start_up_is_replaced(
         )
         try:
             conn.request("GET", "/.garrison/healthz")
+            health = conn.getresponse()
+            health.read()
+            assert health.status == 200
+            conn.request("GET", "/x", headers={"Authorization": f"Bearer {key}"})
             assert conn.getresponse().status == 200
         finally:
             conn.close()
@@ -252,3 +307,55 @@ def test_a_worker_that_dies_during_start_up_is_replaced(
                 kid.kill()
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_the_upstream_route_needs_a_key_on_every_worker(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """`--upstream` protects `/` by default: no key is refused, the CLI-made key passes on both
+    workers and reaches the app as the key's identity, without the key itself."""
+    with protected_gateway(tmp_path, upstream, "workers-pass") as (gw, key):
+        assert wait_until(lambda: two_live_workers(gw), timeout=15), gw.output()
+        anonymous = fetch(gw, PROBE)
+        assert anonymous.status == 401, anonymous.body
+        before = upstream.count(PROBE)
+        statuses, pids = keyed_round(gw, key)
+        assert statuses == [200] * HELD_CONNECTIONS
+        assert pids == {p.pid for p in workers(gw)}, pids
+        seen = upstream.requests[-HELD_CONNECTIONS:]
+        assert upstream.count(PROBE) == before + HELD_CONNECTIONS
+        assert {r.headers.get("x-forwarded-user") for r in seen} == {"key:workers-pass"}
+        assert not any("x-api-key" in r.headers or "authorization" in r.headers for r in seen)
+        assert gw.stop() == 0
+
+
+def test_a_revoked_key_is_refused_by_every_worker(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """Both workers have the key cached; `garrison key revoke` must reach both through the
+    store's change feed: within REVOKE_WAIT_S a whole round of fresh connections, spread over
+    both workers, is refused and none of it reaches the upstream."""
+    with protected_gateway(tmp_path, upstream, "workers-revoke") as (gw, key):
+        assert wait_until(lambda: two_live_workers(gw), timeout=15), gw.output()
+        kids = {p.pid for p in workers(gw)}
+        before = upstream.count(PROBE)
+        statuses, pids = keyed_round(gw, key)  # fills both workers' key caches
+        assert statuses == [200] * HELD_CONNECTIONS and pids == kids, (statuses, pids)
+        assert upstream.count(PROBE) == before + HELD_CONNECTIONS
+
+        revoke_key(gw.data_dir, key)
+        deadline = time.monotonic() + REVOKE_WAIT_S
+        rounds: list[tuple[list[int], set[int | None], int]] = []
+        while True:
+            before = upstream.count(PROBE)
+            statuses, pids = keyed_round(gw, key)
+            rounds.append((statuses, pids, upstream.count(PROBE) - before))
+            if (set(statuses) == {401} and pids == kids) or time.monotonic() >= deadline:
+                break
+        statuses, pids, reached = rounds[-1]
+        assert set(statuses) == {401}, f"still accepted after {REVOKE_WAIT_S} s: {rounds}"
+        assert pids == kids, pids
+        assert reached == 0, rounds
+        refused = fetch(gw, PROBE, headers={"Authorization": f"Bearer {key}"})
+        assert refused.status == 401
+        body = refused.json()
+        assert isinstance(body, dict) and body["error"]["code"] == "invalid_token", body
+        assert gw.stop() == 0
