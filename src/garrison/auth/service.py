@@ -21,7 +21,7 @@ from garrison.auth.apikeys import ApiKeys, KeyRecord, parse_key
 from garrison.auth.identity import Identity
 from garrison.auth.sessions import SessionRecord, Sessions
 from garrison.auth.signing import SigningKeys
-from garrison.auth.tokens import Claims, InvalidToken, TokenIssuer, TokenVerifier
+from garrison.auth.tokens import Claims, InvalidToken, TokenIssuer, TokenVerifier, UnknownKey
 from garrison.auth.users import User, Users
 from garrison.config import AuthConfig
 from garrison.store.events import EventFeed, Notice
@@ -269,9 +269,9 @@ class AuthService:
             del self._tokens[token]
         try:
             claims = self.verifier.verify(token, now)
+        except UnknownKey:
+            return self._load_token(token, now)  # an external issuer may have a new key
         except InvalidToken as exc:
-            if type(exc).__name__ == "UnknownKey":
-                return self._load_token(token, now)
             raise AuthFailure(str(exc)) from None
         return self._token_identity(token, claims)
 
