@@ -21,9 +21,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from sqlalchemy import select
 
 from garrison.auth.users import Users
-from garrison.store.db import default_url, open_store
+from garrison.store.db import default_url, open_store, signing_keys
 from tests.e2e.fixtures_core import client_context, running_gateway
 from tests.support.gateway import ADMIN_PASSWORD, GatewayProcess
 from tests.support.upstream import FakeUpstream
@@ -523,3 +524,72 @@ upstream = "app"
             assert (Users(engine).get("admin") or pytest.fail("no admin")).failed_logins == 2
         finally:
             engine.dispose()
+
+
+def _own_signing_key(gw: GatewayProcess) -> tuple[str, ec.EllipticCurvePrivateKey]:
+    """Garrison's current signing key, read from its store: tokens that are validly signed
+    but wrong in one claim test the claim checks, not the signature check."""
+    engine = open_store(default_url(gw.data_dir))
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(
+                select(signing_keys).where(signing_keys.c.retired_at.is_(None))
+            ).first()
+    finally:
+        engine.dispose()
+    assert row is not None
+    key = serialization.load_pem_private_key(row.private_pem.encode(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return row.kid, key
+
+
+@pytest.mark.parametrize(
+    ("change", "headers"),
+    [
+        ({"iss": "https://evil.example/"}, {}),
+        ({"aud": "someone-else"}, {}),
+        ({"exp": -60}, {}),
+        ({"nbf": 3600}, {}),
+        ({}, {"crit": ["exp"]}),
+        ({"exp": None}, {}),
+    ],
+    ids=["wrong-iss", "wrong-aud", "expired", "not-yet-valid", "unknown-crit", "no-exp"],
+)
+def test_validly_signed_but_wrong_tokens_are_401(
+    gw: GatewayProcess,
+    upstream: FakeUpstream,
+    change: dict[str, object],
+    headers: dict[str, object],
+) -> None:
+    kid, key = _own_signing_key(gw)
+    now = int(time.time())
+    claims: dict[str, object] = {
+        "iss": "garrison",
+        "aud": "garrison",
+        "sub": "admin",
+        "iat": now,
+        "exp": now + 600,
+    }
+    for name, value in change.items():
+        if value is None:
+            del claims[name]
+        elif name in ("exp", "nbf"):
+            claims[name] = now + int(value)  # type: ignore[call-overload]
+        else:
+            claims[name] = value
+    good = jwt.encode(
+        {**claims, "iss": "garrison", "aud": "garrison", "exp": now + 600, "nbf": now},
+        key,
+        algorithm="ES256",
+        headers={"kid": kid},
+    )
+    bad = jwt.encode(claims, key, algorithm="ES256", headers={"kid": kid, **headers})
+    with client(gw) as c:
+        with Counting(upstream, 1):
+            assert c.get("/x", headers={"Authorization": f"Bearer {good}"}).status_code == 200
+        with Counting(upstream, 0):
+            resp = c.get("/x", headers={"Authorization": f"Bearer {bad}"})
+    assert resp.status_code == 401
+    assert resp.headers["www-authenticate"].startswith(
+        'Bearer realm="garrison", error="invalid_token"'
+    )
