@@ -126,6 +126,9 @@ def _wrong_key(key: str) -> str:
 def test_refused_credentials_never_reach_the_upstream(
     gw: GatewayProcess, http: httpx.Client, key: str, upstream: FakeUpstream
 ) -> None:
+    """No credential, wrong keys and forged JWTs get 401 and nothing reaches the upstream;
+    the same request with a real key or token does, as the key's or user's identity, with an
+    assertion signed by a key in the gateway's JWKS and without the credential itself."""
     url = gw.url + "/fake/probe"
     token_resp = http.post(
         gw.url + "/.garrison/token",
@@ -182,6 +185,7 @@ def test_refused_credentials_never_reach_the_upstream(
 
 
 def test_openai_streams_with_a_cli_key(gw: GatewayProcess, key: str) -> None:
+    """The SDK streams token by token with `api_key=<CLI key>`; a wrong key is refused."""
     with httpx.Client(verify=trust(gw)) as transport:
 
         def client(api_key: str) -> openai.OpenAI:
@@ -231,6 +235,7 @@ def gradio_client_for(
 def test_gradio_client_with_a_key_header(
     gradio_client_for: Callable[[dict[str, str]], Client], key: str
 ) -> None:
+    """gradio_client sends the header on every call: config, predict and the queue's SSE."""
     client = gradio_client_for({"Authorization": f"Bearer {key}"})
     assert client.predict("keyed Gradio", api_name="/reverse") == "oidarG deyek"
     job = client.submit("one two three", api_name="/chat")
@@ -262,6 +267,8 @@ def browser(playwright_driver: Any, gw: GatewayProcess) -> Iterator[Any]:
 def test_browser_signs_in_and_uses_gradio(
     browser: Any, gw: GatewayProcess, artifacts: Path, tmp_path: Path
 ) -> None:
+    """Sent to the login page, signed in through the form, back on Gradio: every XHR, upload
+    and SSE stream the UI makes then passes on the session cookie alone."""
     context = browser.new_context(ignore_https_errors=False)
     page = context.new_page()
     traffic = Traffic(page)
