@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default="",
-        help=f"workloads, comma-separated: {', '.join(runner.WORKLOADS)}, keepalive, small",
+        help=f"workloads, comma-separated: {', '.join((*runner.WORKLOADS, *runner.ALIASES))}",
     )
     parser.add_argument("--targets", default=",".join(ALL_TARGETS), help="comma-separated")
     parser.add_argument(
@@ -73,6 +73,12 @@ def notes_for(results: runner.Results) -> list[str]:
         "Keep-alive: wrk -t2 --latency, 100-byte responses from a 1-worker nginx upstream that "
         "every proxy reaches over a keep-alive pool. nginx keepalive_requests raised to 10M so "
         "that it does not close client connections every 1000 requests (Caddy and Garrison don't).",
+        "Auth rows (Garrison only): the keep-alive 32 run again, same wrk options, on a route "
+        'that takes only an API key (`auth = ["api_key"]`) or only a JWT (`["jwt"]`), to the same '
+        "upstream with the prefix stripped; every request carries `Authorization: Bearer` (a key "
+        "made with `garrison key create`, or a JWT from `/.garrison/token` fetched just before "
+        'the measurement). The plain rows use a public route (`auth = ["none"]`). Each auth '
+        "measurement follows a urllib request that must answer 200, and fails on any non-2xx.",
         "New connections: `hey -disable-keepalive` (Go, HTTP/1.1, no TLS session cache: a full "
         "handshake per request). wrk with `Connection: close` was rejected: it reuses its SSL "
         "object and resumes the session on reconnect (nginx logged $ssl_session_reused=r).",

@@ -141,10 +141,42 @@ https://:{port} {{
     return conf
 
 
-def garrison_config(directory: Path, certs: CertFiles) -> Path:
-    """Garrison's config: JSON access log to a file; the bench certificate when supported."""
+# The routes of Garrison's auth rows: the same upstream as "/", each behind one method.
+AUTH_ROUTES = {"key": "/auth-key/", "jwt": "/auth-jwt/"}
+
+
+def garrison_config(directory: Path, certs: CertFiles, upstream_port: int) -> Path:
+    """Garrison's config: JSON access log to a file; "/" public (`auth = ["none"]`, the baseline
+    of every workload); /auth-key/ (API key only) and /auth-jwt/ (JWT only) to the same upstream
+    with the prefix stripped, so that they differ from "/" by authentication alone."""
     directory.mkdir(parents=True, exist_ok=True)
     conf = directory / "garrison.toml"
-    conf.write_text(f'[server]\naccess_log = "{directory}/access.log"\nmax_body = "8GiB"\n')
+    conf.write_text(
+        f"""[server]
+access_log = "{directory}/access.log"
+max_body = "8GiB"
+
+[[upstream]]
+name = "app"
+url = "http://127.0.0.1:{upstream_port}"
+
+[[route]]
+path = "/"
+upstream = "app"
+auth = ["none"]
+
+[[route]]
+path = "{AUTH_ROUTES["key"]}"
+upstream = "app"
+strip_prefix = true
+auth = ["api_key"]
+
+[[route]]
+path = "{AUTH_ROUTES["jwt"]}"
+upstream = "app"
+strip_prefix = true
+auth = ["jwt"]
+"""
+    )
     _ = certs  # Garrison issues its own ECDSA P-256 certificate; see targets.garrison_cert_note.
     return conf

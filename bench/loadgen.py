@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 _UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -49,14 +50,19 @@ def parse_wrk(output: str) -> dict[str, float]:
     if socket_errors:
         errors += sum(int(x) for x in socket_errors.groups())
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    if non_2xx:
-        errors += int(non_2xx.group(1))
-    result["errors"] = float(errors)
+    result["non_2xx"] = float(non_2xx.group(1)) if non_2xx else 0.0
+    result["errors"] = float(errors) + result["non_2xx"]
     return result
 
 
-def wrk(url: str, connections: int, duration: float, threads: int = 2) -> dict[str, float]:
-    """Keep-alive GETs with wrk for duration seconds."""
+def wrk_argv(
+    url: str,
+    connections: int,
+    duration: float,
+    threads: int = 2,
+    headers: Mapping[str, str] | None = None,
+) -> list[str]:
+    """The wrk command line; each header goes as `-H 'Name: value'`."""
     argv = [
         "wrk",
         f"-t{min(threads, connections)}",
@@ -65,8 +71,21 @@ def wrk(url: str, connections: int, duration: float, threads: int = 2) -> dict[s
         "--timeout",
         "5s",
         "--latency",
-        url,
     ]
+    for name, value in (headers or {}).items():
+        argv += ["-H", f"{name}: {value}"]
+    return [*argv, url]
+
+
+def wrk(
+    url: str,
+    connections: int,
+    duration: float,
+    threads: int = 2,
+    headers: Mapping[str, str] | None = None,
+) -> dict[str, float]:
+    """Keep-alive GETs with wrk for duration seconds (non_2xx: wrk's non-2xx/3xx count)."""
+    argv = wrk_argv(url, connections, duration, threads, headers)
     return parse_wrk(_run(argv, duration + 30))
 
 

@@ -11,16 +11,20 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import tempfile
 import time
+from pathlib import Path
 
 import uvloop
 
 from garrison import config as config_mod
+from garrison.auth.service import AuthService
 from garrison.http.downstream import DownstreamProtocol
 from garrison.http.server import ServerState
 from garrison.http.upstream import UpstreamConnection
 from garrison.observe.accesslog import AccessLog
 from garrison.runtime import build_runtime
+from garrison.store.db import default_url, open_store
 
 REQUEST = (
     b"GET /chat/x?y=1 HTTP/1.1\r\nHost: localhost:8443\r\nUser-Agent: wrk\r\nAccept: */*\r\n"
@@ -66,8 +70,28 @@ class MemoryTransport:
 
 
 async def measure(count: int, profile: bool) -> float:
-    config = config_mod.build(None, upstream="http://127.0.0.1:9", listen="127.0.0.1:0")
-    runtime = build_runtime(config, AccessLog("/dev/null"))
+    with tempfile.TemporaryDirectory(prefix="garrison-micro-") as data_dir:
+        return await _measure(count, profile, Path(data_dir))
+
+
+async def _measure(count: int, profile: bool, data_dir: Path) -> float:
+    # A public route (`auth = ["none"]`), as the baseline of `make bench`.
+    config = config_mod.validate(
+        {
+            "server": {"listen": "127.0.0.1:0"},
+            "upstream": [{"name": "default", "url": "http://127.0.0.1:9"}],
+            "route": [{"path": "/", "upstream": "default", "auth": ["none"]}],
+        }
+    )
+    engine = open_store(default_url(data_dir))
+    try:
+        return _run(count, profile, config, AuthService(engine, config.auth))
+    finally:
+        engine.dispose()
+
+
+def _run(count: int, profile: bool, config: config_mod.Config, auth: AuthService) -> float:
+    runtime = build_runtime(config, AccessLog("/dev/null"), auth)
     pool = runtime.pools["default"]
     upstream = UpstreamConnection(pool)
     upstream_transport = MemoryTransport()

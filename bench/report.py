@@ -6,11 +6,13 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from bench.runner import NOISY_CORES, Results
+from bench.runner import AUTH_VARIANTS, NOISY_CORES, Results
 from bench.targets import LABELS
 
 WORKLOAD_TITLES = {
     "ka32": "keep-alive GETs, 32 conns",
+    "ka32key": "keep-alive 32 + API key",
+    "ka32jwt": "keep-alive 32 + JWT",
     "ka256": "keep-alive GETs, 256 conns",
     "newconn": "new TLS conn per request",
     "sse": "SSE streams",
@@ -22,6 +24,16 @@ ROWS: tuple[tuple[str, str, str, int], ...] = (
     ("ka32", "p50_ms", "p50 ms", 2),
     ("ka32", "p99_ms", "p99 ms", 2),
     ("ka32", "cpu_us", "proxy CPU µs/req", 0),
+    *(
+        (w, metric, label, digits)
+        for w in ("ka32key", "ka32jwt")
+        for metric, label, digits in (
+            ("rps", "req/s", 0),
+            ("p50_ms", "p50 ms", 2),
+            ("p99_ms", "p99 ms", 2),
+            ("cpu_us", "proxy CPU µs/req", 0),
+        )
+    ),
     ("ka256", "rps", "req/s", 0),
     ("ka256", "p50_ms", "p50 ms", 2),
     ("ka256", "p99_ms", "p99 ms", 2),
@@ -44,7 +56,11 @@ ROWS: tuple[tuple[str, str, str, int], ...] = (
 
 @dataclass(frozen=True)
 class Check:
-    """One target from the issue: a ratio or an absolute value, and its bound."""
+    """One target from the issue: a ratio or an absolute value, and its bound.
+
+    A ratio divides by the same metric of target `versus` in workload `versus_workload` (by
+    default the same workload).
+    """
 
     label: str
     workload: str
@@ -54,6 +70,7 @@ class Check:
     bound: float
     at_least: bool
     unit: str = "x"
+    versus_workload: str | None = None
 
 
 CHECKS = (
@@ -77,6 +94,20 @@ CHECKS = (
                 True,
             ),
         )
+    ),
+    *(
+        Check(
+            f"keep-alive 32: {name} with {method} / no auth req/s",
+            workload,
+            "rps",
+            target,
+            target,
+            0.9,
+            True,
+            versus_workload="ka32",
+        )
+        for target, name in (("garrison", "Garrison"), ("garrison2", "Garrison --workers 2"))
+        for workload, method in (("ka32key", "API key"), ("ka32jwt", "JWT"))
     ),
     Check(
         "new TLS conn: Garrison / nginx handshakes/s",
@@ -168,7 +199,8 @@ def checks_table(results: Results) -> str:
     for check in CHECKS:
         value = median(results, check.workload, check.target, check.metric)
         if check.versus is not None:
-            other = median(results, check.workload, check.versus, check.metric)
+            versus_workload = check.versus_workload or check.workload
+            other = median(results, versus_workload, check.versus, check.metric)
             value = value / other if value is not None and other else None
         sign = "≥" if check.at_least else "≤"
         bound = f"{sign} {check.bound:g}{check.unit}"
@@ -181,9 +213,16 @@ def checks_table(results: Results) -> str:
     return "\n".join(lines)
 
 
+def _rep_ratio(value: dict[str, float] | None, base: dict[str, float] | None, metric: str) -> str:
+    if not value or not base or metric not in value or not base.get(metric):
+        return ""
+    return f" ({value[metric] / base[metric]:.2f}x)"
+
+
 def per_rep_table(results: Results) -> str:
-    """The headline number of each repetition, to show the spread behind each median."""
-    key = {"ka32": "rps", "ka256": "rps", "newconn": "rps", "sse": "mean_ms", "upload": "mb_s"}
+    """The headline number of each repetition, to show the spread behind each median; an auth
+    row also shows its ratio to the plain row of the same target and repetition."""
+    key = {"sse": "mean_ms", "upload": "mb_s"}  # else req/s
     lines = [
         "| workload | target | " + " | ".join(f"rep {i + 1}" for i in range(results.plan.reps))
     ]
@@ -194,12 +233,15 @@ def per_rep_table(results: Results) -> str:
             reps = by_target.get(name)
             if not reps:
                 continue
+            metric = key.get(workload, "rps")
+            base = results.data.get(AUTH_VARIANTS.get(workload, ("", ""))[0], {}).get(name, [])
             cells = [
-                _fmt(r.get(key[workload]) if r else None, 2 if workload == "sse" else 0)
+                _fmt(r.get(metric) if r else None, 2 if workload == "sse" else 0)
                 + (" *" if r and r.get("bg_cores", 0.0) > NOISY_CORES else "")
-                for r in reps
+                + _rep_ratio(r, base[rep] if rep < len(base) else None, metric)
+                for rep, r in enumerate(reps)
             ]
-            lines.append(f"| {workload} {key[workload]} | {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {workload} {metric} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

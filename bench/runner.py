@@ -15,10 +15,21 @@ from bench.certs import CertFiles, make_certs
 from bench.machine import REPO
 from bench.procs import BackgroundMeter, Proc, Procs, free_port
 
-WORKLOADS = ("ka32", "ka256", "newconn", "sse", "upload")
-ALIASES = {"keepalive": ("ka32", "ka256"), "small": ("ka32", "ka256", "newconn")}
+WORKLOADS = ("ka32", "ka32key", "ka32jwt", "ka256", "newconn", "sse", "upload")
+# The auth rows: workload -> (the plain workload it is compared with, the auth method). Run only
+# against targets.AUTH_TARGETS, each measured right next to its plain workload on the same target.
+AUTH_VARIANTS = {"ka32key": ("ka32", "key"), "ka32jwt": ("ka32", "jwt")}
+ALIASES = {
+    "keepalive": ("ka32", "ka32key", "ka32jwt", "ka256"),
+    "small": ("ka32", "ka32key", "ka32jwt", "ka256", "newconn"),
+    "auth": ("ka32", "ka32key", "ka32jwt"),
+}
 # Workloads that share one upstream (and one start of every target).
-GROUPS = (("small", ("ka32", "ka256", "newconn")), ("sse", ("sse",)), ("upload", ("upload",)))
+GROUPS = (
+    ("small", ("ka32", "ka32key", "ka32jwt", "ka256", "newconn")),
+    ("sse", ("sse",)),
+    ("upload", ("upload",)),
+)
 
 Measurement = dict[str, float]
 # A measurement is repeated when processes other than ours used more than this many cores.
@@ -69,6 +80,32 @@ def expand_workloads(names: list[str]) -> tuple[str, ...]:
             known = ", ".join((*WORKLOADS, *ALIASES))
             raise SystemExit(f"bench: unknown workload {name!r}; choose from {known}")
     return tuple(w for w in WORKLOADS if w in chosen)
+
+
+def schedule(
+    names: tuple[str, ...], order: list[str], rep: int, auth_targets: tuple[str, ...]
+) -> list[tuple[str, str]]:
+    """(workload, target) in measurement order for one repetition.
+
+    Each workload runs against every target in order (reversed by the caller every other
+    repetition). An auth row runs only against auth_targets, next to its plain workload on the
+    same target: plain, key, JWT on even repetitions and JWT, key, plain on odd ones, so that
+    neither side of a ratio always comes first.
+    """
+    pairs: list[tuple[str, str]] = []
+    for workload in names:
+        if workload in AUTH_VARIANTS and AUTH_VARIANTS[workload][0] in names:
+            continue  # measured next to its plain workload
+        variants = [v for v in names if v in AUTH_VARIANTS and AUTH_VARIANTS[v][0] == workload]
+        for target in order:
+            authed = target in auth_targets
+            if workload in AUTH_VARIANTS and not authed:
+                continue
+            together = [workload, *variants] if authed else [workload]
+            if rep % 2:
+                together.reverse()
+            pairs += [(w, target) for w in together]
+    return pairs
 
 
 def _log(message: str) -> None:
@@ -137,6 +174,9 @@ def _runner(
 ) -> Callable[[], Measurement]:
     if workload == "ka32":
         return lambda: workloads.keepalive(target, 32, params)
+    if workload in AUTH_VARIANTS:
+        kind = AUTH_VARIANTS[workload][1]
+        return lambda: workloads.keepalive(target, 32, params, auth=kind)
     if workload == "ka256":
         return lambda: workloads.keepalive(target, 256, params)
     if workload == "newconn":
@@ -150,6 +190,10 @@ def _warm_up(group: str, target: targets.Target, workdir: Path, duration: float)
     """A short unrecorded run, so that no target pays its first-use costs in a measurement."""
     if group == "small":
         loadgen.wrk(f"{target.base_url}/", 32, min(1.0, duration))
+        if target.api_key is not None:  # the identity caches, filled before the measurements
+            for kind, path in configs.AUTH_ROUTES.items():
+                headers = targets.auth_headers(target, kind)
+                loadgen.wrk(f"{target.base_url}{path}", 32, min(1.0, duration), headers=headers)
     elif group == "sse":
         workloads.sse(target, workloads.Params(sse_streams=20, sse_events=10))
     else:
@@ -181,19 +225,16 @@ def _run_group(
             if target.tls:
                 results.tls.setdefault(name, target.tls)
             running.append(target)
+        by_name = {t.name: t for t in running}
+        auth_targets = tuple(t.name for t in running if t.api_key is not None)
         for rep in range(plan.reps):
             order = running if rep % 2 == 0 else running[::-1]
             _log(f"{group}: repetition {rep + 1}/{plan.reps}: {' '.join(t.name for t in order)}")
-            for workload in names:
-                for target in order:
-                    _measure(
-                        results,
-                        workload,
-                        target,
-                        rep,
-                        _runner(workload, target, plan.params, upload_file),
-                    )
-                    time.sleep(0.5)
+            for workload, name in schedule(names, [t.name for t in order], rep, auth_targets):
+                target = by_name[name]
+                run_one = _runner(workload, target, plan.params, upload_file)
+                _measure(results, workload, target, rep, run_one)
+                time.sleep(0.5)
 
 
 def run(plan: Plan, workdir: Path) -> Results:

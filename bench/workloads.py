@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import loadgen
+from bench import configs, loadgen
 from bench.procs import RssSampler
-from bench.targets import Target
+from bench.targets import Target, auth_headers, require_status
 
 MB = 1e6
 
@@ -36,10 +36,27 @@ def _cpu(target: Target) -> float:
     return target.proc.cpu_seconds() if target.proc else 0.0
 
 
-def keepalive(target: Target, connections: int, params: Params) -> dict[str, float]:
-    """Keep-alive small GETs with wrk: req/s, p50/p99 ms, proxy CPU µs per request."""
+def keepalive(
+    target: Target, connections: int, params: Params, auth: str | None = None
+) -> dict[str, float]:
+    """Keep-alive small GETs with wrk: req/s, p50/p99 ms, proxy CPU µs per request.
+
+    auth "key" or "jwt": the same GETs to the route that takes only that method, each with
+    `Authorization: Bearer` (a JWT fresh from the token endpoint for this measurement), after
+    one request with urllib that must answer 200. Any non-2xx response fails the measurement:
+    a run of refusals would measure the error path, not the proxy.
+    """
+    url, headers = f"{target.base_url}/", None
+    if auth is not None:
+        url = f"{target.base_url}{configs.AUTH_ROUTES[auth]}"
+        headers = auth_headers(target, auth)
+        require_status(url, 200, headers)
     before = _cpu(target)
-    result = loadgen.wrk(f"{target.base_url}/", connections, params.duration)
+    result = loadgen.wrk(url, connections, params.duration, headers=headers)
+    if result["non_2xx"]:
+        raise loadgen.LoadError(
+            f"{result['non_2xx']:.0f} of {result['requests']:.0f} responses were not 2xx/3xx"
+        )
     if target.proc and result["requests"]:
         result["cpu_us"] = (_cpu(target) - before) / result["requests"] * 1e6
     return result

@@ -87,9 +87,33 @@ def test_command_line_plan() -> None:
     plan = cli.plan_from(
         cli.parse_args(["--quick", "--only", "keepalive,sse", "--targets", "nginx"])
     )
-    assert plan.workloads == ("ka32", "ka256", "sse")
+    assert plan.workloads == ("ka32", "ka32key", "ka32jwt", "ka256", "sse")
     assert plan.targets == ("nginx",)
     assert plan.reps == 1
     assert plan.retries == 0
     with pytest.raises(SystemExit):
         cli.plan_from(cli.parse_args(["--targets", "apache"]))
+
+
+def test_garrison_auth_rows_are_accepted(tmp_path: Path) -> None:
+    """The key and JWT rows get 200s (a 401 fails the measurement) and the report has ratios."""
+    missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"bench peers not installed: {', '.join(missing)}")
+    plan = runner.Plan(
+        targets=("garrison",),
+        workloads=runner.expand_workloads(["auth"]),
+        reps=1,
+        params=workloads.Params(duration=1.0),
+        retries=0,
+    )
+    results = runner.run(plan, tmp_path / "work")
+    assert not results.problems
+    for workload in ("ka32", "ka32key", "ka32jwt"):
+        measured = _value(results, workload, "garrison")
+        assert measured["rps"] > 0
+        assert measured["non_2xx"] == 0
+        assert measured["errors"] == 0
+    text = cli.write_report(results, tmp_path / "report.md")
+    assert "| keep-alive 32 + API key | req/s |" in text
+    assert "| keep-alive 32: Garrison with JWT / no auth req/s | " in text
