@@ -72,6 +72,7 @@ class AuthService:
         self._ip_failures: dict[str, _IpFailures] = {}
         self._task: asyncio.Task[None] | None = None
         self._verifier_start: asyncio.Future[None] | None = None
+        self._pending: set[asyncio.Future[None]] = set()
 
     def _make_verifier(self, config: AuthConfig) -> TokenVerifier:
         return TokenVerifier(
@@ -236,8 +237,17 @@ class AuthService:
         return ident
 
     async def check_password(self, name: str, password: str, now: float) -> User | None:
-        """argon2 in a thread: the event loop keeps serving while a password is checked."""
-        return await asyncio.to_thread(self.users.authenticate, name, password, now)
+        """argon2 in a thread: the event loop keeps serving while a password is checked.
+
+        A failed attempt on a real account is counted after the answer, not before it, so
+        existing and unknown accounts answer in the same time.
+        """
+        user, failed = await asyncio.to_thread(self.users.check, name, password, now)
+        if failed is not None:
+            task = asyncio.ensure_future(asyncio.to_thread(self.users.record_failure, failed, now))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        return user
 
     async def login(self, name: str, password: str, now: float) -> tuple[str, User] | None:
         """Check a password and open a session: (cookie value, user)."""

@@ -212,6 +212,15 @@ class Users:
         Always one argon2 verify (real or dummy). Failures while locked are not counted, so an
         attacker hammering a locked account cannot push the lock further out.
         """
+        user, failed = self.check(name, password, now)
+        if failed is not None:
+            self.record_failure(failed, now)
+        return user
+
+    def check(self, name: str, password: str, now: float) -> tuple[User | None, str | None]:
+        """Like `authenticate`, but a failure to count is returned (as the account name)
+        instead of written: the gateway answers first and writes after, so the time of the
+        answer does not tell an existing account (a write) from an unknown one (none)."""
         row = None
         if isinstance(name, str) and NAME_RE.fullmatch(name):
             with self.engine.connect() as conn:
@@ -220,20 +229,19 @@ class Users:
                 ).first()
         if row is None:
             dummy_verify(password)
-            return None
+            return None, None
         user = _to_user(row)
         if user.locked(now):
             dummy_verify(password)
-            return None
+            return None, None
         if not verify_password(row.password_hash, password):
-            self._record_failure(name, now)
-            return None
+            return None, name
         if user.disabled:
-            return None
+            return None, None
         self._record_success(name, password, row.password_hash, user)
-        return User(user.name, user.email, user.roles, False, 0, None)
+        return User(user.name, user.email, user.roles, False, 0, None), None
 
-    def _record_failure(self, name: str, now: float) -> None:
+    def record_failure(self, name: str, now: float) -> None:
         with self.engine.begin() as conn:
             # Increment in SQL so concurrent failures from several workers all count.
             conn.execute(
