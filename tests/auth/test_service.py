@@ -99,9 +99,7 @@ def test_key_uses_are_batched(engine: Engine, loop: asyncio.AbstractEventLoop) -
     assert ApiKeys(engine).get(record.id).last_used_at == 1e9 + 99
 
 
-def test_sessions_die_with_password_change(
-    engine: Engine, loop: asyncio.AbstractEventLoop
-) -> None:
+def test_sessions_die_with_password_change(engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
     users = Users(engine)
     users.add("carol", "carol-password-1")
     service = AuthService(engine, AuthConfig())
