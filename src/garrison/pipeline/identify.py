@@ -20,6 +20,7 @@ from garrison.pipeline.pipeline import Stage, StageResult
 
 Resolver = Callable[[str, float], Identity | Awaitable[Identity] | None]
 _COOKIE_PREFIX = COOKIE.encode() + b"="
+_CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"cookie"})
 
 
 class Identify(Stage):
@@ -41,13 +42,14 @@ class Identify(Stage):
         methods = route.auth
         authorization = api_key = None
         has_cookie = False
-        for name, value in ex.headers:
-            if name == b"authorization":
-                authorization = value
-            elif name == b"x-api-key":
-                api_key = value
-            elif name == b"cookie":
-                has_cookie = True
+        for name, value in ex.headers:  # one set lookup per header: this runs on every request
+            if name in _CREDENTIAL_HEADERS:
+                if name == b"authorization":
+                    authorization = value
+                elif name == b"x-api-key":
+                    api_key = value
+                else:
+                    has_cookie = True
         now = time.time()
         if authorization is not None:
             scheme, _, credential = authorization.partition(b" ")
@@ -55,7 +57,7 @@ class Identify(Stage):
                 ex.auth_error = "use Authorization: Bearer <API key or token>"
                 return None
             text = credential.strip().decode("latin-1")
-            _drop(ex, b"authorization")
+            _drop(ex, b"authorization", authorization)
             if text.startswith("gk_"):
                 if "api_key" not in methods:
                     ex.auth_error = "API keys are not accepted on this route"
@@ -66,7 +68,7 @@ class Identify(Stage):
                 return None
             return self._resolve(ex, self.auth.identify_token, text, now)
         if api_key is not None:
-            _drop(ex, b"x-api-key")
+            _drop(ex, b"x-api-key", api_key)
             if "api_key" not in methods:
                 ex.auth_error = "API keys are not accepted on this route"
                 return None
@@ -98,8 +100,14 @@ class Identify(Stage):
         return None
 
 
-def _drop(ex: Exchange, header: bytes) -> None:
-    ex.headers = [(n, v) for n, v in ex.headers if n != header]
+def _drop(ex: Exchange, header: bytes, value: bytes) -> None:
+    """Remove every copy of a consumed credential header (list.remove: no list rebuilt)."""
+    headers = ex.headers
+    headers.remove((header, value))
+    for name, _ in headers:
+        if name == header:
+            ex.headers = [(n, v) for n, v in headers if n != header]
+            return
 
 
 def _drop_cookie(ex: Exchange) -> None:
