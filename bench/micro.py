@@ -1,6 +1,6 @@
 """Pure-Python CPU cost of one proxied keep-alive request: no sockets, no TLS, no peers.
 
-`python -m bench.micro [N] [--profile]` drives the real DownstreamProtocol and
+`python -m bench.micro [N] [--profile] [--auth none|key|jwt]` drives the real DownstreamProtocol and
 UpstreamConnection with in-memory transports through the whole pipeline (normalise, route,
 forwarding headers, access log to /dev/null) and prints CPU µs per request. It isolates what
 our Python costs from what uvloop, OpenSSL and the kernel cost, which `make bench` cannot.
@@ -13,11 +13,13 @@ import cProfile
 import pstats
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 import uvloop
 
 from garrison import config as config_mod
+from garrison.auth.identity import Identity
 from garrison.auth.service import AuthService
 from garrison.http.downstream import DownstreamProtocol
 from garrison.http.server import ServerState
@@ -69,28 +71,52 @@ class MemoryTransport:
         pass
 
 
-async def measure(count: int, profile: bool) -> float:
+AUTH_METHODS = {"none": "none", "key": "api_key", "jwt": "jwt"}
+
+
+async def measure(count: int, profile: bool, auth: str = "none") -> float:
+    """CPU µs per request through a route with `auth = [AUTH_METHODS[auth]]`; with "key" or
+    "jwt" every request carries `Authorization: Bearer` (the identity cached beforehand, as
+    after the first request of a keep-alive run)."""
     with tempfile.TemporaryDirectory(prefix="garrison-micro-") as data_dir:
-        return await _measure(count, profile, Path(data_dir))
+        return await _measure(count, profile, Path(data_dir), auth)
 
 
-async def _measure(count: int, profile: bool, data_dir: Path) -> float:
-    # A public route (`auth = ["none"]`), as the baseline of `make bench`.
+async def _identity(found: Identity | Awaitable[Identity]) -> Identity:
+    """The identity, awaited on a cache miss (the lookup fills the cache)."""
+    return found if isinstance(found, Identity) else await found
+
+
+async def _measure(count: int, profile: bool, data_dir: Path, auth: str) -> float:
     config = config_mod.validate(
         {
             "server": {"listen": "127.0.0.1:0"},
             "upstream": [{"name": "default", "url": "http://127.0.0.1:9"}],
-            "route": [{"path": "/", "upstream": "default", "auth": ["none"]}],
+            "route": [{"path": "/", "upstream": "default", "auth": [AUTH_METHODS[auth]]}],
         }
     )
     engine = open_store(default_url(data_dir))
+    service = AuthService(engine, config.auth)
     try:
-        return _run(count, profile, config, AuthService(engine, config.auth))
+        request = REQUEST
+        if auth != "none":
+            _, credential = service.keys.create("bench", ["bench"])
+            ident = await _identity(service.identify_key(credential, time.time()))
+            if auth == "jwt":  # as the client-credentials grant issues it for that key
+                scopes = sorted(ident.scopes or ())
+                credential = service.issue_token(ident.name, ident.roles, ident.email, scopes)[0]
+                await _identity(service.identify_token(credential, time.time()))
+            request = REQUEST.replace(
+                b"\r\n\r\n", b"\r\nAuthorization: Bearer " + credential.encode() + b"\r\n\r\n"
+            )
+        return _run(count, profile, config, service, request)
     finally:
         engine.dispose()
 
 
-def _run(count: int, profile: bool, config: config_mod.Config, auth: AuthService) -> float:
+def _run(
+    count: int, profile: bool, config: config_mod.Config, auth: AuthService, request: bytes
+) -> float:
     runtime = build_runtime(config, AccessLog("/dev/null"), auth)
     pool = runtime.pools["default"]
     upstream = UpstreamConnection(pool)
@@ -102,7 +128,7 @@ def _run(count: int, profile: bool, config: config_mod.Config, auth: AuthService
     client.connection_made(client_transport)  # type: ignore[arg-type]
 
     def one() -> None:
-        client.data_received(REQUEST)
+        client.data_received(request)
         upstream.data_received(RESPONSE)
 
     for _ in range(1000):
@@ -126,9 +152,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__)
     parser.add_argument("count", nargs="?", type=int, default=30_000)
     parser.add_argument("--profile", action="store_true", help="print a cProfile table too")
+    parser.add_argument(
+        "--auth", choices=sorted(AUTH_METHODS), default="none", help="the route's auth method"
+    )
     args = parser.parse_args()
-    per_request = uvloop.run(measure(args.count, args.profile))
-    print(f"{per_request:.1f} µs CPU per request (Python side, no I/O)")
+    per_request = uvloop.run(measure(args.count, args.profile, args.auth))
+    print(f"{per_request:.1f} µs CPU per request (Python side, no I/O, auth {args.auth})")
 
 
 if __name__ == "__main__":
