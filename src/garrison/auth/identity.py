@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from garrison.pipeline.exchange import Headers
-
 
 @dataclass(slots=True, eq=False)
 class Identity:
@@ -24,8 +22,9 @@ class Identity:
     key_id: str | None = None
     session_hash: str | None = None
     valid_until: float = float("inf")
-    # Upstream headers per upstream name, built lazily and reused until the assertion expires.
-    headers: dict[str, tuple[Headers, float]] = field(default_factory=dict)
+    # Upstream header lines per upstream name, rendered once and reused until the assertion
+    # expires (see pipeline/authorise.py).
+    headers: dict[str, tuple[bytes, float]] = field(default_factory=dict)
 
 
 def header_value(text: str) -> bytes:

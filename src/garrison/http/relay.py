@@ -178,7 +178,14 @@ class InFlight:
             ex.host.encode("latin-1") if ex.host else f"{conn.pool.host}:{conn.pool.port}".encode()
         )
         head = wire.request_head(
-            ex.method, ex.upstream_target, host, ex.headers, ex.upstream_headers, framing, upgrade
+            ex.method,
+            ex.upstream_target,
+            host,
+            ex.headers,
+            ex.upstream_headers,
+            framing,
+            upgrade,
+            ex.identity_block,
         )
         pieces = [head]
         if self._buffer:

@@ -68,8 +68,11 @@ def request_head(
     extra: Headers,
     framing: bytes,
     upgrade: bytes | None,
+    block: bytes = b"",
 ) -> bytes:
-    """The head sent upstream: client headers minus hop-by-hop and spoofable ones, plus ours."""
+    """The head sent upstream: client headers minus hop-by-hop and spoofable ones, plus ours.
+
+    `block` is header lines rendered once and reused (the caller's identity headers)."""
     listed = _listed(headers)
     parts = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
     for name, value in headers:
@@ -80,6 +83,8 @@ def request_head(
         parts += [name, b": ", value, b"\r\n"]
     for name, value in extra:
         parts += [name, b": ", value, b"\r\n"]
+    if block:
+        parts.append(block)
     if upgrade is not None:
         parts += [b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n"]
     parts += [framing, b"\r\n"]

@@ -46,17 +46,17 @@ class Authorise(Stage):
         if cached is None or cached[1] - REFRESH_MARGIN < now:
             cached = self._headers(ident, route.upstream, now)
             ident.headers[route.upstream] = cached
-        ex.upstream_headers.extend(cached[0])
+        ex.identity_block = cached[0]
         return None
 
-    def _headers(self, ident: Identity, upstream: str, now: float) -> tuple[Headers, float]:
+    def _headers(self, ident: Identity, upstream: str, now: float) -> tuple[bytes, float]:
         assertion, until = self.auth.assertion(ident, upstream, now)
         headers: Headers = [(b"x-forwarded-user", header_value(ident.name))]
         if ident.email:
             headers.append((b"x-forwarded-email", header_value(ident.email)))
         headers.append((b"x-garrison-roles", header_value(",".join(ident.roles))))
         headers.append((b"x-garrison-assertion", assertion.encode("ascii")))
-        return headers, until
+        return b"".join(b"%s: %s\r\n" % (name, value) for name, value in headers), until
 
     @staticmethod
     def challenge(ex: Exchange, route: CompiledRoute) -> Reply:

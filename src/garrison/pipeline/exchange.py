@@ -47,6 +47,7 @@ class Exchange:
     upstream_target: bytes = b""
     forwarded_prefix: str = ""
     upstream_headers: Headers = field(default_factory=list)
+    identity_block: bytes = b""
     response_headers: Headers = field(default_factory=list)
     started: float = 0.0
     stage: str = ""
