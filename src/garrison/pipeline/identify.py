@@ -9,16 +9,20 @@ session id it could leak.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from garrison.auth.identity import Identity
 from garrison.auth.service import AuthFailure, AuthService
 from garrison.auth.sessions import COOKIE
-from garrison.pipeline.exchange import Exchange, Reply
+from garrison.pipeline.exchange import Exchange, Reply, error_reply
 from garrison.pipeline.pipeline import Stage, StageResult
 
 Resolver = Callable[[str, float], Identity | Awaitable[Identity] | None]
+log = logging.getLogger("garrison.auth")
 _COOKIE_PREFIX = COOKIE.encode() + b"="
 _CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"cookie"})
 
@@ -97,6 +101,17 @@ class Identify(Stage):
             ex.identity = await pending
         except AuthFailure as exc:
             ex.auth_error = str(exc)
+        except (SQLAlchemyError, OSError) as exc:
+            # Fail closed, but say what happened: a 401 would tell the client its key is bad.
+            log.error("identity store unavailable: %s", exc)
+            reply = error_reply(
+                503,
+                "auth_unavailable",
+                "cannot check credentials right now; try again",
+                html=ex.wants_html(),
+            )
+            reply.headers.append((b"retry-after", b"5"))
+            return reply
         return None
 
 
