@@ -97,6 +97,24 @@ events = Table(
     Column("at", Float, nullable=False),
 )
 
+client_certs = Table(
+    "client_certs",
+    metadata,
+    # Every client certificate the internal CA issued (never its key). Recorded before the
+    # files are written, so a crash mid-issue leaves at worst a row for a cert nobody holds.
+    Column("serial", String(40), primary_key=True),  # lower-case hex, no colons
+    Column("name", String(64), nullable=False, index=True),
+    Column("email", String(320), nullable=True),
+    Column("roles", JSON, nullable=False, default=list),
+    Column("fingerprint", String(64), nullable=False),  # SHA-256 of the DER, lower-case hex
+    Column("not_before", Float, nullable=False),
+    Column("not_after", Float, nullable=False),
+    Column("issued_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+    Column("revoke_reason", String(32), nullable=True),
+    Column("replaced_by", String(40), nullable=True),
+)
+
 settings = Table(
     "settings",
     metadata,
