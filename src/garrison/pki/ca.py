@@ -228,6 +228,72 @@ class CertificateAuthority:
         )
         return chain, key_pem
 
+    # ------------------------------------------------------------------ client certs, CRLs
+    def authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
+        """The AKI that leaves and CRLs carry, so verifiers find this root even after a rekey."""
+        try:
+            ca_ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+        except x509.ExtensionNotFound:  # an imported root without SKI
+            return x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key())
+
+    def issue_client_cert(
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        subject: x509.Name,
+        sans: Sequence[x509.GeneralName],
+        days: int,
+        *,
+        extra: Sequence[x509.ExtensionType] = (),
+        now: dt.datetime | None = None,
+    ) -> x509.Certificate:
+        """Sign a TLS client certificate: EKU clientAuth only, so it can never serve a site.
+
+        Refuses (rather than silently shortens) a validity that would outlive the root, so
+        the operator learns the CA needs replacing before issuing certificates that cannot last.
+        `extra` extensions are added non-critical (the role extension).
+        """
+        if not sans:
+            raise CAError("a client certificate needs at least one subject alternative name")
+        if days < 1:
+            raise CAError(f"client certificate validity must be at least 1 day, got {days}")
+        now = now or _utcnow()
+        not_after = now + dt.timedelta(days=days)
+        ca_end = self.cert.not_valid_after_utc
+        if not_after > ca_end:
+            left = max((ca_end - now).days, 0)
+            raise CAError(
+                f"{days} days would outlive the CA certificate (it expires "
+                f"{ca_end:%Y-%m-%d}, {left} days from now)"
+            )
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.cert.subject)
+            .public_key(public_key)
+            .serial_number(_serial())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(digital_signature=True), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(list(sans)), critical=not len(subject))
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
+            .add_extension(self.authority_key_identifier(), False)
+        )
+        for extension in extra:
+            builder = builder.add_extension(extension, critical=False)
+        return builder.sign(self._key, _hash_for(self._key))
+
+    def sign_crl(
+        self, builder: x509.CertificateRevocationListBuilder
+    ) -> x509.CertificateRevocationList:
+        """Sign a CRL whose issuer is this root (the root carries cRLSign)."""
+        builder = builder.issuer_name(self.cert.subject).add_extension(
+            self.authority_key_identifier(), False
+        )
+        return builder.sign(self._key, _hash_for(self._key))
+
 
 # ---------------------------------------------------------------------- helpers
 def _key_usage(*, digital_signature: bool = False, cert_sign: bool = False) -> x509.KeyUsage:
@@ -314,3 +380,19 @@ def _self_signed_root(key: SigningKey) -> x509.Certificate:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
     )
     return builder.sign(key, _hash_for(key))
+
+
+def read_passphrase_file(path: Path) -> bytes:
+    """Read a CA passphrase from a file (first line, trailing newline dropped).
+
+    A file keeps the passphrase out of the environment and shell history; an empty one is
+    refused because it would silently leave the key unencrypted.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CAError(f"cannot read passphrase file {path}: {exc}") from None
+    passphrase = data.split(b"\n", 1)[0].rstrip(b"\r")
+    if not passphrase:
+        raise CAError(f"passphrase file {path} is empty")
+    return passphrase
