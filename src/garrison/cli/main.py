@@ -8,6 +8,7 @@ import click
 
 from garrison import __version__
 from garrison.cli.ca import ca
+from garrison.cli.cert import cert
 from garrison.cli.key import key
 from garrison.cli.up import check, up
 from garrison.cli.user import user
@@ -24,6 +25,7 @@ cli.add_command(check)
 cli.add_command(ca)
 cli.add_command(user)
 cli.add_command(key)
+cli.add_command(cert)
 
 
 def main() -> None:
