@@ -123,10 +123,6 @@ class IssuedCert:
             return "pending-revocation"
         return "active"
 
-    def live(self, now: float) -> bool:
-        """Usable now and not yet scheduled for revocation: what revoke/renew act on."""
-        return self.revoked_at is None and self.not_after > now
-
 
 def encode_roles(roles: Sequence[str]) -> bytes:
     """DER SEQUENCE OF UTF8String: the role extension's value."""
@@ -321,8 +317,9 @@ class ClientCerts:
     ) -> tuple[IssuedCert, bytes, bytes]:
         """Issue a new certificate with the identity of the newest live one named `name`.
 
-        Every live certificate of that name gets `replaced_by` and is revoked as superseded
-        at now + grace (scheduled, so both work during the grace). One transaction.
+        Every usable certificate of that name gets `replaced_by` and is revoked as superseded
+        at now + grace (scheduled, so both work during the grace; an earlier scheduled time
+        is kept). One transaction.
         """
         now = time.time() if now is None else now
         if grace_seconds < 0:
@@ -333,25 +330,28 @@ class ClientCerts:
                 .where(client_certs.c.name == name)
                 .order_by(client_certs.c.issued_at.desc())
             ).all()
-            live = [r for r in map(_row, rows) if r.live(now)]
+            # Pending ones (inside an earlier grace) are still usable, so they are replaced too.
+            usable = [r for r in map(_row, rows) if not r.revoked(now) and r.not_after > now]
             if not rows:
                 raise UnknownCert(f"no client certificate named {name!r}")
-            if not live:
+            if not usable:
                 raise CertError(
                     f"no live certificate named {name!r} to renew: use `garrison cert issue`"
                 )
-            newest = live[0]
+            newest = usable[0]
             record, cert_pem, key_pem = self._issue(
                 conn, name, newest.email, newest.roles, days, now
             )
-            for old in live:
+            until = now + grace_seconds
+            for old in usable:
+                revoke_at = until if old.revoked_at is None else min(old.revoked_at, until)
                 conn.execute(
                     update(client_certs)
                     .where(client_certs.c.serial == old.serial_hex)
                     .values(
-                        replaced_by=record.serial_hex,
-                        revoked_at=now + grace_seconds,
-                        revoke_reason="superseded",
+                        replaced_by=old.replaced_by or record.serial_hex,
+                        revoked_at=revoke_at,
+                        revoke_reason=old.revoke_reason or "superseded",
                     )
                 )
                 publish(conn, "cert", old.serial_hex, now)
