@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -215,8 +216,52 @@ class UpstreamConfig(_Model):
         return urlsplit(self.url).port or 80
 
 
-AuthMethod = Literal["session", "api_key", "jwt", "client_cert", "none"]
+AUTH_METHODS = ("session", "api_key", "jwt", "client_cert")
 DEFAULT_AUTH: tuple[str, ...] = ("session", "api_key", "jwt")
+
+
+def _check_auth_entry(entry: str) -> str:
+    """One accepted way in: a method, or methods joined by "+" that must all be presented."""
+    if entry == "none":
+        return entry
+    parts = entry.split("+")
+    for part in parts:
+        if part not in AUTH_METHODS:
+            raise ValueError(
+                f"unknown auth method {part!r}: use {', '.join(AUTH_METHODS)} or none "
+                '(join with "+" to require several, e.g. "client_cert+session")'
+            )
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"{entry!r} names a method twice")
+    if len(parts) > 2 or (len(parts) == 2 and "client_cert" not in parts):
+        raise ValueError('only "client_cert+<method>" combinations are supported')
+    return entry
+
+
+AuthEntry = Annotated[str, AfterValidator(_check_auth_entry)]
+
+
+class ClientCertsConfig(_Model):
+    """Mutual TLS: who may present a certificate, and what happens without one."""
+
+    mode: Literal["off", "optional", "required"] = "off"
+    ca: str = "internal"  # or a path to a PEM bundle of external CAs
+    crl: str | None = None  # external CA only: a CRL file path or http(s) URL
+    crl_refresh: Duration = 300.0
+    forward_cert: bool = False  # X-SSL-Client-Cert (URL-encoded PEM) to the upstream
+
+    @field_validator("crl")
+    @classmethod
+    def _crl(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("http://"):
+            host = urlsplit(value).hostname
+            if host not in ("127.0.0.1", "::1", "localhost"):
+                raise ValueError("a CRL URL must use https:// (http:// only for loopback)")
+        return value
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.ca == "internal" and self.crl is not None:
+            raise ValueError("crl is for an external ca; the internal CA keeps its own list")
 
 
 class AllowConfig(_Model):
@@ -317,7 +362,7 @@ class RouteConfig(_Model):
     upstream: str
     strip_prefix: bool = False
     deny: list[str] = Field(default_factory=list)
-    auth: list[AuthMethod] = Field(default_factory=lambda: list(DEFAULT_AUTH))
+    auth: list[AuthEntry] = Field(default_factory=lambda: list(DEFAULT_AUTH))
     allow: AllowConfig = Field(default_factory=AllowConfig)
     token_alias: str | None = None
 
@@ -328,8 +373,6 @@ class RouteConfig(_Model):
             raise ValueError('give at least one method, or ["none"] for a public route')
         if "none" in value and len(value) > 1:
             raise ValueError('"none" (public) cannot be combined with other methods')
-        if "client_cert" in value:
-            raise ValueError('"client_cert" is not available yet (client certificates come later)')
         return list(dict.fromkeys(value))
 
     def model_post_init(self, _context: Any) -> None:
@@ -367,6 +410,7 @@ class RouteConfig(_Model):
 class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    client_certs: ClientCertsConfig = Field(default_factory=ClientCertsConfig)
     upstream: list[UpstreamConfig] = Field(default_factory=list)
     route: list[RouteConfig] = Field(default_factory=list)
 
@@ -440,6 +484,13 @@ def validate(data: dict[str, Any]) -> Config:
     except ValidationError as exc:
         problems = _format_errors(exc)
     problems += [p for p in _reference_problems(data) if p not in problems]
+    if config is not None and config.client_certs.mode == "off":
+        for index, route in enumerate(config.route):
+            if any("client_cert" in entry for entry in route.auth):
+                problems.append(
+                    f"route.{index}.auth: client_cert needs [client_certs] mode = "
+                    '"optional" or "required"'
+                )
     if problems or config is None:
         raise ConfigError(problems)
     return config

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from garrison.fsutil import ensure_private_dir
 from garrison.http.server import ServerState, bind_socket, drain, serve_https, serve_redirect
 from garrison.observe.accesslog import AccessLog
 from garrison.pki.ca import CertificateAuthority
+from garrison.pki.client_certs import ClientCerts
+from garrison.pki.handshake_trace import HandshakeTracer
 from garrison.pki.server_cert import ServerCertificate, ensure_server_certificate
 from garrison.pki.tls import TLSConfigError, reload_context, server_context
 from garrison.runtime import Runtime, build_runtime
@@ -126,10 +129,17 @@ class Gateway:
     async def start(self, https_sock: socket.socket, redirect_sock: socket.socket | None) -> None:
         self.ca, self.server_cert = prepare_certificates(self.data_dir, self.config)
         self.ssl_context = server_context(
-            self.config.server.tls_profile, self.server_cert.cert_path, self.server_cert.key_path
+            self.config.server.tls_profile,
+            self.server_cert.cert_path,
+            self.server_cert.key_path,
+            client_ca=self._client_ca(self.config),
         )
+        if self.config.client_certs.mode != "off":
+            HandshakeTracer(self.access_log.audit).install(self.ssl_context)
         self._loaded_pem = self.server_cert.cert_path.read_bytes()
-        self.auth = AuthService(open_store(default_url(self.data_dir)), self.config.auth)
+        self.auth = AuthService(
+            open_store(default_url(self.data_dir)), self.config.auth, self.config.client_certs
+        )
         await self.auth.start()
         self.state = ServerState(self._build_runtime(self.config))
         self.https_port = https_sock.getsockname()[1]
@@ -143,10 +153,27 @@ class Gateway:
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
         self._tasks.append(asyncio.ensure_future(self._periodic()))
 
+    def _client_ca(self, config: Config) -> Path | None:
+        """The CA bundle client certificates must chain to, or None without mutual TLS."""
+        client = config.client_certs
+        if client.mode == "off":
+            return None
+        if client.ca == "internal":
+            assert self.ca is not None
+            return self.ca.cert_path
+        return Path(client.ca)
+
     def _build_runtime(self, config: Config) -> Runtime:
         assert self.auth is not None
         self.auth.configure(config.auth)
-        return build_runtime(config, self.access_log, self.auth)
+        return build_runtime(config, self.access_log, self.auth, self._crl_builder())
+
+    def _crl_builder(self) -> Callable[[], bytes] | None:
+        """The internal CA's CRL, signed on demand (served at /.garrison/crl.pem)."""
+        if self.ca is None or self.auth is None:
+            return None
+        certs = ClientCerts(self.auth.engine, self.ca)
+        return certs.crl
 
     async def reload(self) -> bool:
         """Re-read the config and certificates; on any error keep serving with the old ones."""
@@ -162,6 +189,9 @@ class Gateway:
             log.warning("listen addresses changed: restart garrison to apply them")
         if config.server.tls_profile != self.config.server.tls_profile:
             log.warning("tls_profile changed: restart garrison to apply it")
+        if config.client_certs != self.config.client_certs:
+            log.warning("[client_certs] changed: restart garrison to apply it")
+            config = config.model_copy(update={"client_certs": self.config.client_certs})
         try:
             self._refresh_certificate(config)
         except (TLSConfigError, OSError, ValueError) as exc:

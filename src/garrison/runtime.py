@@ -6,6 +6,7 @@ requests already in flight finish with the generation they started with.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from garrison.auth.service import AuthService
@@ -14,11 +15,13 @@ from garrison.http.upstream import UpstreamPool
 from garrison.observe.accesslog import AccessLog
 from garrison.pipeline.auth_endpoints import AuthEndpoints
 from garrison.pipeline.authorise import Authorise
+from garrison.pipeline.client_cert import ClientCertCheck
 from garrison.pipeline.endpoints import GatewayEndpoints
 from garrison.pipeline.exchange import Headers
 from garrison.pipeline.forwarding import Forwarding
 from garrison.pipeline.identify import Identify
 from garrison.pipeline.pipeline import Pipeline
+from garrison.pipeline.pki_endpoints import PkiEndpoints
 from garrison.pipeline.routes import RouteTable
 from garrison.pipeline.routing import RouteMatch
 from garrison.pipeline.target import RequestTarget
@@ -36,6 +39,7 @@ class Runtime:
     max_headers: int
     access_log: AccessLog
     endpoints: GatewayEndpoints
+    client_certs: bool = False
 
     def close(self) -> None:
         for pool in self.pools.values():
@@ -53,7 +57,12 @@ def security_headers(config: Config) -> Headers:
     return headers
 
 
-def build_runtime(config: Config, access_log: AccessLog, auth: AuthService) -> Runtime:
+def build_runtime(
+    config: Config,
+    access_log: AccessLog,
+    auth: AuthService,
+    build_crl: Callable[[], bytes] | None = None,
+) -> Runtime:
     """Build the pipeline and pools for `config` (the request path's shape lives here)."""
     pools = {
         u.name: UpstreamPool(
@@ -64,11 +73,19 @@ def build_runtime(config: Config, access_log: AccessLog, auth: AuthService) -> R
     endpoints = GatewayEndpoints()
     auth_endpoints = AuthEndpoints(auth)
     auth_endpoints.register(endpoints)
+    PkiEndpoints(auth.revocation, build_crl).register(endpoints)
     forwarding = Forwarding(config.server.trusted_proxies)
+    client_certs = config.client_certs.mode != "off"
+    cert_check = (
+        [ClientCertCheck(config.client_certs, auth.revocation, access_log.audit)]
+        if client_certs
+        else []
+    )
     pipeline = Pipeline(
         [
             RequestTarget(),
             forwarding,  # first: backoff and logs need the real client IP
+            *cert_check,  # before endpoints: "required" covers the login page too
             endpoints,
             RouteMatch(RouteTable(config.route)),
             Identify(auth, auth_endpoints.token),
@@ -87,4 +104,5 @@ def build_runtime(config: Config, access_log: AccessLog, auth: AuthService) -> R
         max_headers=config.server.max_headers,
         access_log=access_log,
         endpoints=endpoints,
+        client_certs=client_certs,
     )

@@ -23,7 +23,8 @@ from garrison.auth.sessions import SessionRecord, Sessions
 from garrison.auth.signing import SigningKeys
 from garrison.auth.tokens import Claims, InvalidToken, TokenIssuer, TokenVerifier, UnknownKey
 from garrison.auth.users import User, Users
-from garrison.config import AuthConfig
+from garrison.config import AuthConfig, ClientCertsConfig
+from garrison.pki.revocation import Revocation
 from garrison.store.events import EventFeed, Notice
 
 log = logging.getLogger("garrison.auth")
@@ -48,9 +49,13 @@ class _IpFailures:
 class AuthService:
     """One per worker process; survives configuration reloads (`configure`)."""
 
-    def __init__(self, engine: Engine, config: AuthConfig) -> None:
+    def __init__(
+        self, engine: Engine, config: AuthConfig, client_certs: ClientCertsConfig | None = None
+    ) -> None:
         self.engine = engine
         self.config = config
+        self.revocation = Revocation(engine, client_certs or ClientCertsConfig())
+        self.revocation.refresh_internal()
         self.users = Users(engine)
         self.keys = ApiKeys(engine)
         self.sessions = Sessions(engine, config.session_idle, config.session_max)
@@ -114,6 +119,12 @@ class AuthService:
                 notices = await asyncio.to_thread(self.feed.poll)
                 if notices:
                     await self._apply(notices)
+                revocation = self.revocation
+                if revocation.enabled and (
+                    any(n.topic == "cert" for n in notices) or time.time() >= revocation.next_due
+                ):
+                    await asyncio.to_thread(revocation.refresh_internal)
+                await revocation.refresh_crl()
                 now = time.monotonic()
                 if now - flushed >= FLUSH_SECONDS:
                     flushed = now

@@ -18,6 +18,7 @@ import httptools
 from garrison.http import wire
 from garrison.http.relay import InFlight
 from garrison.pipeline.exchange import Exchange, Reply, error_reply
+from garrison.pki.peer import PeerCert, peer_cert_of
 
 if TYPE_CHECKING:
     from garrison.http.server import ServerState
@@ -74,6 +75,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._max_headers = 0
         self._deferred: tuple[Exchange, Reply] | None = None
         self._start_pending = False
+        self.peer_cert: PeerCert | None = None
 
     # -- connection lifecycle -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -85,6 +87,8 @@ class DownstreamProtocol(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=DOWNSTREAM_WRITE_HIGH)
+        if self.state.runtime.client_certs:
+            self.peer_cert = peer_cert_of(transport)  # parsed once per connection
         self.state.connections.add(self)
         self._arm_timer(self.state.runtime.timeouts.header_read)
 
@@ -221,6 +225,7 @@ class DownstreamProtocol(asyncio.Protocol):
             headers=self._headers,
             peer_ip=self.peer_ip,
             started=time.monotonic(),
+            peer_cert=self.peer_cert,
         )
         inflight = InFlight(
             self,

@@ -97,6 +97,12 @@ class AccessLog:
     def _write(self, record: dict[str, object]) -> None:
         self._append(json.dumps(record, separators=(",", ":")) + "\n")
 
+    def audit(self, event: str, fields: dict[str, object]) -> None:
+        """A security decision worth keeping (a refused certificate, ...), as a JSON line in
+        the same stream, marked `"type": "audit"` (issue 7 gives audit its own sink)."""
+        record = {"ts": _now_iso(), "type": "audit", "event": event, **fields}
+        self._append(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+
     def _append(self, line: str) -> None:
         self._buffer.append(line)
         self._size += len(line)

@@ -36,6 +36,14 @@ class Authorise(Stage):
         if route.public:
             return None
         ident = ex.identity
+        cert = ex.cert_identity
+        if cert is not None and "client_cert" in route.methods:
+            ident, mismatch = _combine(route, ident, cert)
+            if mismatch:
+                return refusal_reply(ex, "mismatch")
+            ex.identity = ident
+        elif ident is not None and not _accepted(route, ident.method):
+            ident = None  # e.g. "client_cert+session" with a session but no certificate
         if ident is None:
             return self.challenge(ex, route)
         refusal = _refusal(ident, route)
@@ -62,6 +70,13 @@ class Authorise(Stage):
     def challenge(ex: Exchange, route: CompiledRoute) -> Reply:
         if ex.auth_error:
             return invalid_token(ex.auth_error)
+        if all("client_cert" in entry for entry in route.entries) and ex.cert_identity is None:
+            # Only a certificate can open this route: a login page would not help.
+            message = (
+                "this page needs a client certificate: install the certificate (.p12 file) "
+                "your administrator gave you, then reload"
+            )
+            return error_reply(403, "client_cert_required", message, html=ex.wants_html())
         if "session" in route.auth and ex.method in ("GET", "HEAD") and ex.wants_html():
             target = ex.path + ("?" + ex.query.decode("latin-1") if ex.query else "")
             location = f"{LOGIN_PATH}?next={quote(target, safe='')}"
@@ -78,6 +93,32 @@ def invalid_token(reason: str) -> Reply:
     challenge = f'Bearer realm="garrison", error="invalid_token", error_description="{description}"'
     reply.headers.append((b"www-authenticate", challenge.encode("ascii", "replace")))
     return reply
+
+
+def _accepted(route: CompiledRoute, method: str) -> bool:
+    return any(entry == {method} for entry in route.entries)
+
+
+def _combine(
+    route: CompiledRoute, ident: Identity | None, cert: Identity
+) -> tuple[Identity | None, bool]:
+    """(admitted identity or None, mismatch) when a valid certificate came with the request.
+
+    Entries are tried shortest first: a plain method admits its identity alone, "client_cert"
+    admits the certificate, "client_cert+X" needs X's identity to name the certificate's
+    person (else a mismatch: 403, not a login prompt)."""
+    mismatch = False
+    for entry in route.entries:
+        if "client_cert" not in entry:
+            if ident is not None and entry == {ident.method}:
+                return ident, False
+        elif len(entry) == 1:
+            return cert, False
+        elif ident is not None and ident.method in entry:
+            if ident.name == cert.name:
+                return ident, False
+            mismatch = True
+    return None, mismatch
 
 
 def _needs(route: CompiledRoute) -> str:
@@ -105,6 +146,7 @@ def refusal_reply(ex: Exchange, what: str) -> Reply:
         "user": "this route is not open to your account",
         "role": "your account lacks a role this route requires",
         "scope": "your credential lacks a scope this route requires",
+        "mismatch": "your client certificate and your login belong to different people",
     }
     reply = error_reply(403, f"forbidden_{what}", messages[what], html=ex.wants_html())
     if what == "scope":

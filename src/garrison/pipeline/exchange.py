@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from garrison.auth.identity import Identity
     from garrison.pipeline.routes import CompiledRoute
+    from garrison.pki.peer import PeerCert
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -52,6 +53,8 @@ class Exchange:
     started: float = 0.0
     stage: str = ""
     identity: Identity | None = None
+    peer_cert: PeerCert | None = None
+    cert_identity: Identity | None = None
     auth_error: str = ""
     body_source: BodySource | None = None
 

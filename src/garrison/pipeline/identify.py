@@ -43,7 +43,7 @@ class Identify(Stage):
             return self.token_endpoint(ex)
         if route.public:
             return None
-        methods = route.auth
+        methods = route.methods
         authorization = api_key = None
         has_cookie = False
         for name, value in ex.headers:  # one set lookup per header: this runs on every request

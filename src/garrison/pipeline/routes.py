@@ -45,6 +45,9 @@ class CompiledRoute:
     allow_users: frozenset[str] = frozenset()
     token_alias: str | None = None
     base: str = field(init=False, repr=False, compare=False, default="")
+    # `auth` entries as sets of methods ("client_cert+session" -> both), and every method named.
+    entries: tuple[frozenset[str], ...] = field(init=False, repr=False, compare=False, default=())
+    methods: frozenset[str] = field(init=False, repr=False, compare=False, default=frozenset())
 
     def __post_init__(self) -> None:
         # Fold here rather than in the caller so that no CompiledRoute holds raw deny prefixes.
@@ -54,6 +57,9 @@ class CompiledRoute:
                 raise ValueError(f"deny prefix {prefix!r} must start with /")
         object.__setattr__(self, "deny", tuple(dict.fromkeys(deny_key(d) for d in self.deny)))
         object.__setattr__(self, "base", self.path.rstrip("/"))
+        entries = tuple(frozenset(entry.split("+")) for entry in sorted(self.auth, key=len))
+        object.__setattr__(self, "entries", entries)
+        object.__setattr__(self, "methods", frozenset().union(*entries) if entries else frozenset())
 
     @classmethod
     def from_config(cls, config: RouteConfig, index: int) -> CompiledRoute:

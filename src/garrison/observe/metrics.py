@@ -1,0 +1,37 @@
+"""Prometheus metrics (prometheus-client), served at /.garrison/metrics to loopback clients.
+
+Each worker process keeps its own counters; with --workers N, scrape each or sum (issue 7
+brings multiprocess aggregation and access rules). Label values are bounded by construction:
+results and reasons from fixed sets, certificate names from the operator's own store.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+client_cert_checks = Counter(
+    "garrison_client_cert_verifications",
+    "Client certificate checks by result (success, none, expired, revoked, handshake_* ...).",
+    ["result"],
+    registry=REGISTRY,
+)
+client_cert_expiry = Gauge(
+    "garrison_client_cert_expiry_seconds",
+    "Seconds until each issued, unrevoked client certificate expires (negative: expired).",
+    ["name", "serial"],
+    registry=REGISTRY,
+)
+MAX_EXPIRY_SERIES = 2000
+
+
+def set_client_cert_expiries(rows: list[tuple[str, str, float]], now: float) -> None:
+    """Replace the expiry series with (name, serial hex, not_after) rows, capped."""
+    client_cert_expiry.clear()
+    for name, serial, not_after in rows[:MAX_EXPIRY_SERIES]:
+        client_cert_expiry.labels(name=name[:64], serial=serial[:40]).set(not_after - now)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)
