@@ -24,7 +24,7 @@ from garrison.config import Config, parse_hostport
 from garrison.fsutil import ensure_private_dir
 from garrison.http.server import ServerState, bind_socket, drain, serve_https, serve_redirect
 from garrison.observe.accesslog import AccessLog
-from garrison.pki.ca import CertificateAuthority
+from garrison.pki.ca import CertificateAuthority, read_passphrase_file
 from garrison.pki.client_certs import ClientCerts
 from garrison.pki.handshake_trace import HandshakeTracer
 from garrison.pki.server_cert import ServerCertificate, ensure_server_certificate
@@ -77,6 +77,11 @@ def resolve_data_dir(explicit: Path | None) -> Path:
 
 
 def ca_passphrase() -> bytes | None:
+    """The CA key passphrase: $GARRISON_CA_PASSPHRASE_FILE (a file keeps it out of every child
+    process's environment), else $GARRISON_CA_PASSPHRASE, else none (key unencrypted)."""
+    path = os.environ.get("GARRISON_CA_PASSPHRASE_FILE")
+    if path:
+        return read_passphrase_file(Path(path))
     value = os.environ.get("GARRISON_CA_PASSPHRASE")
     return value.encode() if value else None
 
