@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import Engine
 
 from garrison.auth.apikeys import ApiKeys
+from garrison.auth.identity import Identity
 from garrison.auth.service import AuthService
 from garrison.config import validate
 from garrison.pipeline.authorise import Authorise
@@ -127,3 +128,60 @@ def test_store_failure_fails_closed_with_503(engine: Engine, tmp_path: Path) -> 
     reply = run([Identify(service, lambda e: None), Authorise(service)], ex)
     assert reply is not None and reply.status == 503
     assert (b"retry-after", b"5") in reply.headers
+
+
+def _cert_identity(name: str, roles: tuple[str, ...] = ()) -> Identity:
+    return Identity(method="client_cert", name=name, roles=roles)
+
+
+@pytest.mark.parametrize(
+    ("auth", "session_user", "cert_user", "expected"),
+    [
+        (["client_cert"], None, "ana", ("client_cert", "ana")),
+        (["client_cert"], None, None, 403),
+        (["client_cert+session"], "ana", "ana", ("session", "ana")),
+        (["client_cert+session"], "bob", "ana", 403),
+        (["client_cert+session"], "ana", None, 403),
+        (["client_cert+session"], None, "ana", 302),
+        (["session", "client_cert"], "bob", None, ("session", "bob")),
+        (["session", "client_cert"], None, "ana", ("client_cert", "ana")),
+    ],
+    ids=[
+        "cert-alone",
+        "cert-missing",
+        "both-same-person",
+        "both-different-people",
+        "both-no-cert",
+        "both-no-login",
+        "either-session",
+        "either-cert",
+    ],
+)
+def test_certificate_combinations(
+    engine: Engine,
+    auth: list[str],
+    session_user: str | None,
+    cert_user: str | None,
+    expected: tuple[str, str] | int,
+) -> None:
+    service = AuthService(engine, validate({}).auth)
+    config = validate(
+        {
+            "client_certs": {"mode": "optional"},
+            "upstream": [{"name": "app", "url": "http://127.0.0.1:9"}],
+            "route": [{"path": "/", "upstream": "app", "auth": auth}],
+        }
+    )
+    r = RouteTable(config.route).routes[0]
+    ex = exchange(r, accept=b"text/html")
+    if session_user:
+        ex.identity = Identity(method="session", name=session_user)
+    if cert_user:
+        ex.cert_identity = _cert_identity(cert_user)
+    reply = Authorise(service)(ex)
+    if isinstance(expected, int):
+        assert reply is not None and reply.status == expected
+    else:
+        assert reply is None
+        assert ex.identity is not None
+        assert (ex.identity.method, ex.identity.name) == expected

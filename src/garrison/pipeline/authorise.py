@@ -77,7 +77,7 @@ class Authorise(Stage):
                 "your administrator gave you, then reload"
             )
             return error_reply(403, "client_cert_required", message, html=ex.wants_html())
-        if "session" in route.auth and ex.method in ("GET", "HEAD") and ex.wants_html():
+        if "session" in route.methods and ex.method in ("GET", "HEAD") and ex.wants_html():
             target = ex.path + ("?" + ex.query.decode("latin-1") if ex.query else "")
             location = f"{LOGIN_PATH}?next={quote(target, safe='')}"
             return Reply(302, b"", b"text/plain", [(b"location", location.encode("ascii"))])
@@ -122,8 +122,13 @@ def _combine(
 
 
 def _needs(route: CompiledRoute) -> str:
-    names = {"session": "a login session", "api_key": "an API key", "jwt": "a bearer token"}
-    accepted = [names[m] for m in ("session", "api_key", "jwt") if m in route.auth]
+    names = {
+        "session": "a login session",
+        "api_key": "an API key",
+        "jwt": "a bearer token",
+        "client_cert": "a client certificate",
+    }
+    accepted = [names[m] for m in names if m in route.methods]
     return "authentication required: send " + " or ".join(accepted)
 
 
