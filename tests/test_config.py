@@ -383,3 +383,39 @@ def test_zero_timeouts_are_refused(key: str) -> None:
 def test_zero_shutdown_grace_is_allowed() -> None:
     config = validate({**GOOD, "server": {"timeouts": {"shutdown_grace": "0s"}}})
     assert config.server.timeouts.shutdown_grace == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (
+            {"route": [{"upstream": "a", "auth": ["client_cert"]}]},
+            'route.0.auth: client_cert needs [client_certs] mode = "optional" or "required"',
+        ),
+        (
+            {
+                "client_certs": {"mode": "optional"},
+                "route": [{"upstream": "a", "auth": ["jwt+session"]}],
+            },
+            'route.0.auth.0: only "client_cert+<method>" combinations are supported',
+        ),
+        (
+            {"client_certs": {"mode": "sometimes"}, "route": [{"upstream": "a"}]},
+            "client_certs.mode: Input should be 'off', 'optional' or 'required'",
+        ),
+        (
+            {"client_certs": {"mode": "required", "crl": "/x.crl"}, "route": [{"upstream": "a"}]},
+            "client_certs: crl is for an external ca; the internal CA keeps its own list",
+        ),
+        (
+            {"route": [{"upstream": "a", "auth": ["none", "jwt"]}]},
+            'route.0.auth: "none" (public) cannot be combined with other methods',
+        ),
+    ],
+    ids=["cert-without-mtls", "bad-combo", "bad-mode", "crl-internal", "none-mixed"],
+)
+def test_auth_and_client_cert_problems(data: dict[str, Any], problem: str) -> None:
+    data["upstream"] = [{"name": "a", "url": "http://127.0.0.1:1"}]
+    with pytest.raises(ConfigError) as info:
+        validate(data)
+    assert problem in info.value.problems, info.value.problems
