@@ -609,6 +609,8 @@ def test_odd_subjects_get_clean_answers(
         assert api.error_code() == "client_cert_required"
         assert ident.headers["content-type"].startswith("text/html")
     assert fetch(gw, "/still-up", alice).status == 200
+    assert gw.proc.poll() is None
+    assert "Traceback" not in gw.output(), gw.output()[-3000:]
 
 
 def test_cert_whose_name_is_no_user_name_never_names_a_user(
@@ -668,7 +670,8 @@ def test_revocation_reaches_every_worker_and_open_connections(
                 fresh = [connection(gw2, doomed) for _ in range(HELD_CONNECTIONS)]
                 for conn in fresh:
                     conn.connect()
-                assert len(owners(gw2, fresh)) == 2
+                fresh_pids = owners(gw2, fresh)
+                assert len(fresh_pids) == 2 and None not in fresh_pids, fresh_pids
                 answers += [on(conn, "/id/fresh") for conn in fresh]
                 for conn in fresh:
                     conn.close()
