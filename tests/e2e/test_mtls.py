@@ -791,7 +791,8 @@ def test_optional_mode_certificate_routes(
     assert no_role.status == 403 and no_role.error_code() == "forbidden_role"
     # A certificate is not a login where the route does not accept certificates.
     assert cert_on_login_route.status == 401, cert_on_login_route.body
-    assert cert_without_login.status in (401, 403), cert_without_login.body
+    assert cert_without_login.status == 401, cert_without_login.body  # a login is missing
+    assert cert_without_login.error_code() == "authentication_required"
 
 
 def test_optional_mode_cert_plus_session(
