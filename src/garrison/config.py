@@ -177,10 +177,44 @@ class ServerConfig(_Model):
         return value
 
 
+def _check_rate(value: str) -> str:
+    from garrison.limits.model import Rate
+
+    Rate.parse(value)
+    return value
+
+
+def _check_budget(value: str) -> str:
+    from garrison.limits.model import Budget
+
+    Budget.parse(value)
+    return value
+
+
+RateText = Annotated[str, AfterValidator(_check_rate)]
+BudgetText = Annotated[str, AfterValidator(_check_budget)]
+
+
+class LimitsConfig(_Model):
+    """Where limit counters live: this process ("memory") or Redis (global across processes)."""
+
+    backend: str = "memory"
+    on_backend_error: Literal["closed", "open"] = "closed"
+    lease: Duration = 30.0  # a concurrency slot of a crashed process frees itself after this
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError('use "memory" or a redis:// URL')
+        return value
+
+
 class UpstreamConfig(_Model):
     name: str
     url: str
     max_idle_connections: int = Field(default=64, ge=0)
+    max_in_flight: int | None = Field(default=None, ge=1)  # GPU slots, fair between identities
 
     @field_validator("name")
     @classmethod
@@ -365,6 +399,15 @@ class RouteConfig(_Model):
     auth: list[AuthEntry] = Field(default_factory=lambda: list(DEFAULT_AUTH))
     allow: AllowConfig = Field(default_factory=AllowConfig)
     token_alias: str | None = None
+    rate: list[RateText] = Field(default_factory=list)
+    concurrency: int | None = Field(default=None, ge=1)
+    tokens: BudgetText | None = None
+    queue_timeout: Duration = 0.0
+
+    @field_validator("rate", mode="before")
+    @classmethod
+    def _rate_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @field_validator("auth")
     @classmethod
@@ -411,6 +454,7 @@ class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     client_certs: ClientCertsConfig = Field(default_factory=ClientCertsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     upstream: list[UpstreamConfig] = Field(default_factory=list)
     route: list[RouteConfig] = Field(default_factory=list)
 
