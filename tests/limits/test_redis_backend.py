@@ -1,0 +1,424 @@
+"""RedisBackend against a real redis-server: GCRA, slots and leases, budgets, limits shared by
+several backends and processes, failing closed/open, recovery after a Redis restart, and the
+one-round-trip promise of `admit`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+import redis.asyncio as aioredis
+
+from garrison.limits.model import Budget, Decision, Rate
+from garrison.limits.redis_backend import RedisBackend, _sha
+from garrison.observe import metrics
+from tests.limits.conftest import RedisServer
+
+T = TypeVar("T")
+
+R5S = Rate.parse("5/second")
+
+
+def run(factory: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        return await factory()
+
+    return asyncio.run(main())
+
+
+async def started(server: RedisServer, **kwargs: Any) -> RedisBackend:
+    backend = RedisBackend(server.url, **kwargs)
+    await backend.start()
+    return backend
+
+
+async def drain(backend: RedisBackend) -> None:
+    """Wait for the fire-and-forget releases and spends sent so far."""
+    await asyncio.gather(*list(backend._tasks), return_exceptions=True)
+
+
+async def admit(
+    backend: RedisBackend,
+    key: str = "route|alice",
+    rates: tuple[Rate, ...] = (),
+    concurrency: int | None = None,
+    budget: Budget | None = None,
+) -> Decision:
+    return await backend.admit(key, rates, concurrency, budget, time.time())
+
+
+def errors(op: str) -> float:
+    value = metrics.REGISTRY.get_sample_value("garrison_limits_backend_errors_total", {"op": op})
+    return value or 0.0
+
+
+# -- GCRA ---------------------------------------------------------------------------------------
+
+
+def test_full_bucket_admits_limit_at_once_then_refuses_for_one_interval(
+    redis_server: RedisServer,
+) -> None:
+    async def go() -> list[Decision]:
+        backend = await started(redis_server)
+        try:
+            return [await admit(backend, rates=(R5S,)) for _ in range(6)]
+        finally:
+            await backend.close()
+
+    decisions = run(go)
+    assert [d.allowed for d in decisions] == [True] * 5 + [False]
+    assert [d.info.remaining for d in decisions if d.info] == [4, 3, 2, 1, 0, 0]
+    refused = decisions[-1]
+    assert refused.hit == "rate 5/second"
+    assert 0.15 < refused.retry_after <= 0.2
+    assert refused.lease is None
+
+
+def test_twice_the_limit_around_the_refill_never_passes_more_than_limit_plus_one(
+    redis_server: RedisServer,
+) -> None:
+    async def go() -> tuple[list[int], int, float]:
+        backend = await started(redis_server)
+        try:
+            bursts = []
+            t0 = time.monotonic()
+            for offset in (0.0, 0.9, 1.9, 3.0):  # before, at and after each refill moment
+                await asyncio.sleep(max(0.0, t0 + offset - time.monotonic()))
+                results = await asyncio.gather(*(admit(backend, rates=(R5S,)) for _ in range(10)))
+                bursts.append(sum(d.allowed for d in results))
+            total = sum(bursts)
+            return bursts, total, time.monotonic() - t0
+        finally:
+            await backend.close()
+
+    bursts, total, elapsed = run(go)
+    assert bursts[0] == 5
+    assert all(n <= 5 + 1 for n in bursts), bursts
+    # GCRA's bound: the bucket plus one per emission interval, never a fixed window's 2x.
+    assert total <= 5 + elapsed / R5S.interval + 1, (bursts, elapsed)
+
+
+def test_a_refused_request_consumes_no_rate(redis_server: RedisServer) -> None:
+    tight, loose = Rate.parse("2/minute"), Rate.parse("100/minute")
+
+    async def go() -> tuple[list[Decision], list[dict[str, object]]]:
+        backend = await started(redis_server)
+        try:
+            decisions = [await admit(backend, rates=(tight, loose)) for _ in range(7)]
+            return decisions, await backend.usage()
+        finally:
+            await backend.close()
+
+    decisions, usage = run(go)
+    assert [d.allowed for d in decisions] == [True, True] + [False] * 5
+    assert {d.hit for d in decisions[2:]} == {"rate 2/minute"}
+    assert 29 < decisions[-1].retry_after <= 30
+    (entry,) = usage
+    remaining = {r["rate"]: r["remaining"] for r in entry["rates"]}  # type: ignore[attr-defined]
+    assert remaining == {"2/60": 0, "100/60": 98}  # the five refusals took nothing from 100/min
+
+
+# -- concurrency and leases ----------------------------------------------------------------------
+
+
+def test_slots_are_counted_refused_at_the_limit_and_released_once(
+    redis_server: RedisServer,
+) -> None:
+    async def go() -> None:
+        backend = await started(redis_server)
+        try:
+            a = await admit(backend, concurrency=2)
+            b = await admit(backend, concurrency=2)
+            assert a.allowed and b.allowed and a.lease and b.lease and a.lease != b.lease
+            c = await admit(backend, concurrency=2)
+            assert (c.allowed, c.hit, c.lease) == (False, "concurrency", None)
+            assert c.retry_after > 0
+            backend.release("route|alice", a.lease)
+            await drain(backend)
+            d = await admit(backend, concurrency=2)
+            assert d.allowed
+            backend.release("route|alice", a.lease)  # again: nothing happens, nothing raised
+            await drain(backend)
+            assert not (await admit(backend, concurrency=2)).allowed
+            (entry,) = await backend.usage()
+            assert entry["slots"] == 2
+            # Another identity has its own slots.
+            assert (await admit(backend, key="route|bob", concurrency=2)).allowed
+        finally:
+            await backend.close()
+
+    run(go)
+
+
+def test_the_heartbeat_keeps_a_held_lease_past_its_lease_time(redis_server: RedisServer) -> None:
+    async def go() -> None:
+        backend = await started(redis_server, lease=1.0)
+        try:
+            held = await admit(backend, concurrency=1)
+            assert held.allowed
+            await asyncio.sleep(2.2)  # more than twice the lease
+            assert (await admit(backend, concurrency=1)).hit == "concurrency"
+            backend.release("route|alice", held.lease or "")
+            await drain(backend)
+            assert (await admit(backend, concurrency=1)).allowed
+        finally:
+            await backend.close()
+
+    run(go)
+
+
+def test_the_slot_of_a_crashed_process_expires_after_the_lease(redis_server: RedisServer) -> None:
+    async def go() -> None:
+        survivor = await started(redis_server, lease=1.0)
+        crashed = await started(redis_server, lease=1.0)
+        try:
+            assert (await admit(crashed, concurrency=1)).allowed
+            await crashed.close()  # gone without releasing: no heartbeat any more
+            t0 = time.monotonic()
+            assert (await admit(survivor, concurrency=1)).hit == "concurrency"
+            while not (await admit(survivor, concurrency=1)).allowed:
+                assert time.monotonic() - t0 < 3.0, "the orphaned slot never expired"
+                await asyncio.sleep(0.05)
+            assert 0.5 < time.monotonic() - t0 < 1.5
+        finally:
+            await survivor.close()
+
+    run(go)
+
+
+# -- global across backends and processes --------------------------------------------------------
+
+
+def test_two_backends_share_one_limit(redis_server: RedisServer) -> None:
+    rate = Rate.parse("10/minute")
+
+    async def go() -> list[Decision]:
+        one, two = await started(redis_server), await started(redis_server)
+        try:
+            calls = [admit(b, rates=(rate,)) for _ in range(15) for b in (one, two)]
+            return list(await asyncio.gather(*calls))
+        finally:
+            await one.close()
+            await two.close()
+
+    assert sum(d.allowed for d in run(go)) == 10
+
+
+WORKER = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    from garrison.limits.model import Rate
+    from garrison.limits.redis_backend import RedisBackend
+
+    async def main():
+        backend = RedisBackend(sys.argv[1])
+        await backend.start()
+        rate = Rate.parse("25/minute")
+        start = float(sys.argv[2])
+        await asyncio.sleep(max(0.0, start - time.time()))  # both processes at once
+        ok = 0
+        for _ in range(40):
+            ok += (await backend.admit("api|shared", (rate,), None, None, time.time())).allowed
+        await backend.close()
+        print(ok)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_two_processes_share_one_limit(redis_server: RedisServer) -> None:
+    start = str(time.time() + 1.5)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, redis_server.url, start],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    counts = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        counts.append(int(out.strip()))
+    assert sum(counts) == 25, counts
+
+
+# -- token budgets ---------------------------------------------------------------------------------
+
+
+def test_spent_tokens_refuse_with_the_windows_ttl(redis_server: RedisServer) -> None:
+    budget = Budget.parse("100/hour")
+
+    async def go() -> None:
+        backend = await started(redis_server)
+        direct = aioredis.from_url(redis_server.url)
+        try:
+            assert (await admit(backend, budget=budget)).allowed
+            backend.spend("route|alice", budget, 60, time.time())
+            await drain(backend)
+            first_ttl = await direct.pttl("garrison:lim:route|alice|t")
+            assert 3_599_000 < first_ttl <= 3_600_000
+            assert (await admit(backend, budget=budget)).allowed  # 60 < 100
+            await asyncio.sleep(0.3)
+            backend.spend("route|alice", budget, 50, time.time())
+            await drain(backend)
+            assert int(await direct.get("garrison:lim:route|alice|t")) == 110
+            ttl = await direct.pttl("garrison:lim:route|alice|t")
+            assert ttl <= first_ttl - 250  # set once, at the first spend: not pushed back
+            refused = await admit(backend, budget=budget)
+            assert (refused.allowed, refused.hit) == (False, "tokens")
+            assert 3590 < refused.retry_after <= 3600
+            (entry,) = await backend.usage()
+            assert entry["tokens"] == 110
+            # Another identity's budget is untouched.
+            assert (await admit(backend, key="route|bob", budget=budget)).allowed
+        finally:
+            await direct.aclose()
+            await backend.close()
+
+    run(go)
+
+
+# -- failure modes -------------------------------------------------------------------------------
+
+
+def test_redis_down_fails_closed_logs_once_counts_every_call_and_recovers(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="garrison.limits")
+
+    async def go() -> None:
+        backend = await started(redis_server)
+        try:
+            assert (await admit(backend, rates=(R5S,))).allowed
+            redis_server.stop()
+            before = errors("admit")
+            caplog.clear()
+            t0 = time.monotonic()
+            decisions = [await admit(backend, rates=(R5S,)) for _ in range(20)]
+            assert time.monotonic() - t0 < 2.0  # a dead Redis does not stall requests
+            assert all(
+                (d.allowed, d.hit, d.retry_after) == (False, "backend", 1.0) for d in decisions
+            )
+            assert errors("admit") - before == 20
+            lines = [r for r in caplog.records if r.name == "garrison.limits"]
+            assert len(lines) == 1, [r.getMessage() for r in lines]
+            assert "failing closed" in lines[0].getMessage()
+            backend.release("route|alice", "nothing")  # fire-and-forget never raises
+            backend.spend("route|alice", Budget.parse("10/hour"), 5, time.time())
+            await drain(backend)
+
+            redis_server.start()  # same port, empty: the script cache is gone too
+            direct = aioredis.from_url(redis_server.url)
+            try:
+                assert await direct.script_exists(_sha_admit()) == [False]
+                t1 = time.monotonic()
+                while not (await admit(backend, rates=(R5S,))).allowed:
+                    assert time.monotonic() - t1 < 3.0, "the backend never recovered"
+                    await asyncio.sleep(0.05)
+                assert await direct.script_exists(_sha_admit()) == [True]
+            finally:
+                await direct.aclose()
+        finally:
+            await backend.close()
+
+    run(go)
+
+
+def _sha_admit() -> str:
+    from garrison.limits import redis_backend
+
+    return _sha(redis_backend._ADMIT)
+
+
+def test_redis_down_fails_open_when_configured(redis_server: RedisServer) -> None:
+    async def go() -> None:
+        backend = await started(redis_server, on_error="open")
+        try:
+            redis_server.stop()
+            decision = await admit(backend, rates=(R5S,), concurrency=1)
+            assert (decision.allowed, decision.hit, decision.lease) == (True, "backend", None)
+        finally:
+            await backend.close()
+
+    run(go)
+
+
+def test_start_with_redis_down_is_not_fatal(redis_server: RedisServer) -> None:
+    async def go() -> None:
+        redis_server.stop()
+        backend = await started(redis_server)
+        try:
+            assert (await admit(backend, rates=(R5S,))).hit == "backend"
+            redis_server.start()
+            await asyncio.sleep(RedisBackend.DOWN_RETRY + 0.05)
+            assert (await admit(backend, rates=(R5S,))).allowed
+        finally:
+            await backend.close()
+
+    run(go)
+
+
+# -- cost ------------------------------------------------------------------------------------------
+
+
+def test_one_admit_is_one_command(redis_server: RedisServer) -> None:
+    rates = (R5S, Rate.parse("100/minute"))
+
+    async def go() -> list[dict[str, Any]]:
+        backend = await started(redis_server)
+        watcher = aioredis.from_url(redis_server.url)
+        try:
+            await admit(backend, rates=rates, concurrency=3, budget=Budget.parse("9/day"))
+            seen: list[dict[str, Any]] = []
+            async with watcher.monitor() as monitor:
+
+                async def listen() -> None:
+                    while True:
+                        seen.append(await monitor.next_command())
+
+                listener = asyncio.get_running_loop().create_task(listen())
+                await asyncio.sleep(0.1)
+                await admit(backend, rates=rates, concurrency=3, budget=Budget.parse("9/day"))
+                await asyncio.sleep(0.2)
+                listener.cancel()
+            return seen
+        finally:
+            await watcher.aclose()
+            await backend.close()
+
+    seen = run(go)
+    from_clients = [c for c in seen if c.get("client_type") != "lua"]
+    assert [c["command"].split()[0] for c in from_clients] == ["EVALSHA"], seen
+
+
+def test_admit_round_trip_time(redis_server: RedisServer) -> None:
+    """Not a benchmark gate, a guard against an accidental second round trip or a slow path:
+    2000 admits (two rates, a slot, a budget) in sequence."""
+    rates = (Rate.parse("1000000/second"), Rate.parse("100000000/day"))
+
+    async def go() -> float:
+        backend = await started(redis_server)
+        try:
+            for _ in range(100):
+                await admit(backend, rates=rates)
+            t0 = time.perf_counter()
+            for _ in range(2000):
+                await backend.admit("r|x", rates, None, None, 0.0)
+            return (time.perf_counter() - t0) / 2000
+        finally:
+            await backend.close()
+
+    per_admit = run(go)
+    print(f"admit round trip: {per_admit * 1e6:.0f} us")
+    assert per_admit < 0.005
