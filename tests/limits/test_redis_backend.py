@@ -120,9 +120,9 @@ def test_a_refused_request_consumes_no_rate(redis_server: RedisServer) -> None:
     assert [d.allowed for d in decisions] == [True, True] + [False] * 5
     assert {d.hit for d in decisions[2:]} == {"rate 2/minute"}
     assert 29 < decisions[-1].retry_after <= 30
-    (entry,) = usage
-    remaining = {r["rate"]: r["remaining"] for r in entry["rates"]}  # type: ignore[attr-defined]
-    assert remaining == {"2/60": 0, "100/60": 98}  # the five refusals took nothing from 100/min
+    used = {row["limit"]: row["used"] for row in usage if row["kind"] == "rate"}
+    assert used == {"2/60s": 2, "100/60s": 2}  # the five refusals took nothing from 100/minute
+    assert {row["key"] for row in usage} == {"route|alice"}
 
 
 # -- concurrency and leases ----------------------------------------------------------------------
@@ -147,8 +147,9 @@ def test_slots_are_counted_refused_at_the_limit_and_released_once(
             backend.release("route|alice", a.lease)  # again: nothing happens, nothing raised
             await drain(backend)
             assert not (await admit(backend, concurrency=2)).allowed
-            (entry,) = await backend.usage()
-            assert entry["slots"] == 2
+            assert await backend.usage() == [
+                {"key": "route|alice", "kind": "concurrency", "used": 2}
+            ]
             # Another identity has its own slots.
             assert (await admit(backend, key="route|bob", concurrency=2)).allowed
         finally:
@@ -278,8 +279,9 @@ def test_spent_tokens_refuse_with_the_windows_ttl(redis_server: RedisServer) -> 
             refused = await admit(backend, budget=budget)
             assert (refused.allowed, refused.hit) == (False, "tokens")
             assert 3590 < refused.retry_after <= 3600
-            (entry,) = await backend.usage()
-            assert entry["tokens"] == 110
+            (row,) = await backend.usage()
+            assert (row["key"], row["kind"], row["used"]) == ("route|alice", "tokens", 110)
+            assert 3590 < row["resets_in"] <= 3600  # type: ignore[operator]
             # Another identity's budget is untouched.
             assert (await admit(backend, key="route|bob", budget=budget)).allowed
         finally:

@@ -405,7 +405,8 @@ class RedisBackend:
     # -- inspection ----------------------------------------------------------------------------
 
     async def usage(self, prefix: str = "") -> list[dict[str, object]]:
-        """Every key under `prefix`: rates (remaining now), slots held, tokens used."""
+        """Rows like the memory backend's (for `garrison limits show`): per key, each rate in
+        use ("used": units of the bucket taken now), slots held, tokens spent in the window."""
         client = self._client
         sec, usec = await client.time()
         now = sec * _US + usec
@@ -417,39 +418,35 @@ class RedisBackend:
             for name in names:
                 if name.endswith("|c"):
                     pipe.zcount(name, f"({now}", "+inf")
-                    pipe.pttl(name)
                 else:
                     pipe.get(name)
-                    pipe.pttl(name)
+                pipe.pttl(name)
             values = await pipe.execute()
-        out: dict[str, dict[str, object]] = {}
+        rates: list[dict[str, object]] = []
+        slots: list[dict[str, object]] = []
+        tokens: list[dict[str, object]] = []
         for i, name in enumerate(names):
             value, pttl = values[2 * i], values[2 * i + 1]
             rest = name[len(self.prefix) :]
-            if rest.endswith(("|c", "|t")):
-                base, kind = rest[:-2], rest[-1]
-            else:  # `<key>|r|<limit>/<period>`: the key itself may hold "|", the rate cannot
-                cut = rest.rfind("|r|")
-                base, kind = rest[:cut], "r|" + rest[cut + 3 :]
-            entry = out.setdefault(base, {"key": base, "rates": [], "slots": 0, "tokens": None})
-            if kind == "c":
-                entry["slots"] = int(value)
-            elif kind == "t":
-                entry["tokens"] = int(value or 0)
-                entry["tokens_reset"] = max(0, pttl) / 1000
-            elif kind.startswith("r|"):
-                limit_text, _, period_text = kind[2:].partition("/")
+            if rest.endswith("|c"):
+                if int(value):
+                    slots.append({"key": rest[:-2], "kind": "concurrency", "used": int(value)})
+            elif rest.endswith("|t"):
+                if value is not None:
+                    row = {"key": rest[:-2], "kind": "tokens", "used": int(value)}
+                    tokens.append(row | {"resets_in": max(0, pttl) / 1000})
+            elif (cut := rest.rfind("|r|")) >= 0 and value is not None:
+                # `<key>|r|<limit>/<period>`: the key itself may hold "|", the rate cannot.
+                limit_text, _, period_text = rest[cut + 3 :].partition("/")
                 limit, period = int(limit_text), float(period_text)
-                period_us = round(period * _US)
-                interval = max(1, round(period_us / limit))
-                d = max(0, int(value or now) - now) if value is not None else 0
-                remaining = max(0, min(limit, (period_us - d) // interval))
-                rates = entry["rates"]
-                assert isinstance(rates, list)
-                rates.append(
-                    {"rate": kind[2:], "limit": limit, "remaining": remaining, "reset": d / _US}
-                )
-        return list(out.values())
+                d = int(value) - now
+                if d > 0:
+                    used = math.ceil(d / (period * _US / limit) - 1e-9)
+                    rates.append(
+                        {"key": rest[:cut], "kind": "rate", "limit": f"{limit}/{period:g}s"}
+                        | {"used": min(limit, used)}
+                    )
+        return rates + slots + tokens
 
 
 def _glob(text: str) -> str:
