@@ -20,9 +20,12 @@ import platformdirs
 
 from garrison import config as config_mod
 from garrison.auth.service import AuthService
-from garrison.config import Config, parse_hostport
+from garrison.config import Config, LimitsConfig, parse_hostport
 from garrison.fsutil import ensure_private_dir
 from garrison.http.server import ServerState, bind_socket, drain, serve_https, serve_redirect
+from garrison.limits.fair import FairGate
+from garrison.limits.memory import MemoryBackend
+from garrison.limits.model import Backend
 from garrison.observe.accesslog import AccessLog
 from garrison.pki.ca import CertificateAuthority, read_passphrase_file
 from garrison.pki.client_certs import ClientCerts
@@ -130,6 +133,8 @@ class Gateway:
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.auth: AuthService | None = None
+        self.limits_backend: Backend = MemoryBackend()
+        self.gates: dict[str, FairGate] = {}
 
     async def start(self, https_sock: socket.socket, redirect_sock: socket.socket | None) -> None:
         self.ca, self.server_cert = prepare_certificates(self.data_dir, self.config)
@@ -146,6 +151,7 @@ class Gateway:
             open_store(default_url(self.data_dir)), self.config.auth, self.config.client_certs
         )
         await self.auth.start()
+        self.limits_backend = await open_limits_backend(self.config.limits)
         self.state = ServerState(self._build_runtime(self.config))
         self.https_port = https_sock.getsockname()[1]
         self.servers.append(await serve_https(https_sock, self.ssl_context, self.state))
@@ -171,7 +177,14 @@ class Gateway:
     def _build_runtime(self, config: Config) -> Runtime:
         assert self.auth is not None
         self.auth.configure(config.auth)
-        return build_runtime(config, self.access_log, self.auth, self._crl_builder())
+        return build_runtime(
+            config,
+            self.access_log,
+            self.auth,
+            self._crl_builder(),
+            self.limits_backend,
+            self.gates,
+        )
 
     def _crl_builder(self) -> Callable[[], bytes] | None:
         """The internal CA's CRL, signed on demand (served at /.garrison/crl.pem)."""
@@ -263,11 +276,23 @@ class Gateway:
         self.state.runtime.close()
         if self.auth is not None:
             await self.auth.stop()
+        await self.limits_backend.close()
         self.access_log.flush()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+async def open_limits_backend(config: LimitsConfig) -> Backend:
+    """Memory, or Redis (its connection is made here; failures follow on_backend_error)."""
+    if config.backend == "memory":
+        return MemoryBackend()
+    from garrison.limits.redis_backend import RedisBackend
+
+    backend = RedisBackend(config.backend, on_error=config.on_backend_error, lease=config.lease)
+    await backend.start()
+    return backend
 
 
 def _quiet_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from garrison.auth.service import AuthService
 from garrison.config import Config, TimeoutsConfig
 from garrison.http.upstream import UpstreamPool
+from garrison.limits.fair import FairGate
+from garrison.limits.memory import MemoryBackend
+from garrison.limits.model import Backend, Budget, Rate
 from garrison.observe.accesslog import AccessLog
 from garrison.pipeline.auth_endpoints import AuthEndpoints
 from garrison.pipeline.authorise import Authorise
@@ -20,6 +23,7 @@ from garrison.pipeline.endpoints import GatewayEndpoints
 from garrison.pipeline.exchange import Headers
 from garrison.pipeline.forwarding import Forwarding
 from garrison.pipeline.identify import Identify
+from garrison.pipeline.limits import Limits, LimitsEndpoint, RouteLimits
 from garrison.pipeline.pipeline import Pipeline
 from garrison.pipeline.pki_endpoints import PkiEndpoints
 from garrison.pipeline.routes import RouteTable
@@ -57,11 +61,36 @@ def security_headers(config: Config) -> Headers:
     return headers
 
 
+def limits_stage(config: Config, backend: Backend, gates: dict[str, FairGate]) -> list[Limits]:
+    """The limits stage, or nothing when no route or upstream sets a limit."""
+    routes = {
+        index: RouteLimits(
+            rates=tuple(Rate.parse(r) for r in route.rate),
+            concurrency=route.concurrency,
+            budget=Budget.parse(route.tokens) if route.tokens else None,
+            queue_timeout=route.queue_timeout,
+        )
+        for index, route in enumerate(config.route)
+        if route.rate or route.concurrency or route.tokens
+    }
+    wanted = {u.name: u.max_in_flight for u in config.upstream if u.max_in_flight}
+    for name in list(gates):
+        if gates[name].slots != wanted.get(name):
+            del gates[name]  # a changed size starts a new gate; requests on the old finish there
+    for name, slots in wanted.items():
+        gates.setdefault(name, FairGate(slots))
+    if not routes and not gates:
+        return []
+    return [Limits(backend, routes, dict(gates))]
+
+
 def build_runtime(
     config: Config,
     access_log: AccessLog,
     auth: AuthService,
     build_crl: Callable[[], bytes] | None = None,
+    limits_backend: Backend | None = None,
+    gates: dict[str, FairGate] | None = None,
 ) -> Runtime:
     """Build the pipeline and pools for `config` (the request path's shape lives here)."""
     pools = {
@@ -74,6 +103,8 @@ def build_runtime(
     auth_endpoints = AuthEndpoints(auth)
     auth_endpoints.register(endpoints)
     PkiEndpoints(auth.revocation, build_crl).register(endpoints)
+    backend = limits_backend or MemoryBackend()
+    endpoints.add("/.garrison/limits", LimitsEndpoint(backend, [r.path for r in config.route]))
     forwarding = Forwarding(config.server.trusted_proxies)
     client_certs = config.client_certs.mode != "off"
     cert_check = (
@@ -90,7 +121,9 @@ def build_runtime(
             RouteMatch(RouteTable(config.route)),
             Identify(auth, auth_endpoints.token),
             Authorise(auth),
-            # limit stages plug in here (later issues)
+            *limits_stage(
+                config, limits_backend or MemoryBackend(), {} if gates is None else gates
+            ),
         ]
     )
     return Runtime(

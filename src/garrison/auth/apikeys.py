@@ -64,6 +64,8 @@ class KeyRecord:
     revoked_at: float | None
     created_at: float
     last_used_at: float | None
+    rate: tuple[str, ...] | None = None
+    tokens: str | None = None
 
     def status(self, now: float) -> str:
         """`active`, `revoked` or `expired`; revocation wins because it was deliberate."""
@@ -110,6 +112,8 @@ def _record(row: Any) -> KeyRecord:
         revoked_at=row.revoked_at,
         created_at=row.created_at,
         last_used_at=row.last_used_at,
+        rate=tuple(row.rate) if row.rate else None,
+        tokens=row.tokens,
     )
 
 
@@ -121,6 +125,20 @@ def _check_scopes(scopes: Iterable[str]) -> list[str]:
         if not isinstance(scope, str) or not _SCOPE_RE.fullmatch(scope):
             raise ApiKeyError(f"invalid scope {scope!r}: use 1-64 of a-z 0-9 : _ . -")
     return cleaned
+
+
+def _check_limits(rate: Iterable[str] | None, tokens: str | None) -> list[str] | None:
+    from garrison.limits.model import Budget, Rate
+
+    rates = list(rate) if rate else None
+    try:
+        for text in rates or ():
+            Rate.parse(text)
+        if tokens is not None:
+            Budget.parse(tokens)
+    except ValueError as exc:
+        raise ApiKeyError(str(exc)) from None
+    return rates
 
 
 class ApiKeys:
@@ -136,6 +154,8 @@ class ApiKeys:
         expires_in: float | None = None,
         owner: str | None = None,
         now: float | None = None,
+        rate: Iterable[str] | None = None,
+        tokens: str | None = None,
     ) -> tuple[KeyRecord, str]:
         """Make a key; returns its record and the full key text, which is never shown again."""
         now = time.time() if now is None else now
@@ -148,6 +168,7 @@ class ApiKeys:
         if expires_in is not None and expires_in <= 0:
             raise ApiKeyError("expiry must be in the future")
         expires_at = None if expires_in is None else now + expires_in
+        rate_list = _check_limits(rate, tokens)
         secret = _new_secret()
         for _attempt in range(5):  # 60-bit ids: a clash is astronomically rare, but not fatal
             key_id = _new_id()
@@ -162,11 +183,24 @@ class ApiKeys:
                             secret_hash=_hash(secret),
                             expires_at=expires_at,
                             created_at=now,
+                            rate=rate_list,
+                            tokens=tokens,
                         )
                     )
             except IntegrityError:
                 continue
-            record = KeyRecord(key_id, name, owner, tuple(scope_list), expires_at, None, now, None)
+            record = KeyRecord(
+                key_id,
+                name,
+                owner,
+                tuple(scope_list),
+                expires_at,
+                None,
+                now,
+                None,
+                tuple(rate_list) if rate_list else None,
+                tokens,
+            )
             return record, f"{PREFIX}{key_id}_{secret}"
         raise ApiKeyError("could not allocate a unique key id")
 

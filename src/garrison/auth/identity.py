@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from garrison.limits.model import Budget, Rate
+
 
 @dataclass(slots=True, eq=False)
 class Identity:
@@ -22,6 +24,9 @@ class Identity:
     key_id: str | None = None
     session_hash: str | None = None
     valid_until: float = float("inf")
+    # Per-key / per-user limit overrides (None: the route's own).
+    rates: tuple[Rate, ...] | None = None
+    budget: Budget | None = None
     # Upstream header lines per upstream name, rendered once and reused until the assertion
     # expires (see pipeline/authorise.py).
     headers: dict[str, tuple[bytes, float]] = field(default_factory=dict)

@@ -24,6 +24,7 @@ from garrison.auth.signing import SigningKeys
 from garrison.auth.tokens import Claims, InvalidToken, TokenIssuer, TokenVerifier, UnknownKey
 from garrison.auth.users import User, Users
 from garrison.config import AuthConfig, ClientCertsConfig
+from garrison.limits.model import Budget, Rate
 from garrison.pki.revocation import Revocation
 from garrison.store.events import EventFeed, Notice
 
@@ -204,6 +205,8 @@ class AuthService:
             scopes=frozenset(record.scopes),
             key_id=record.id,
             valid_until=record.expires_at or float("inf"),
+            rates=tuple(Rate.parse(r) for r in record.rate) if record.rate else None,
+            budget=Budget.parse(record.tokens) if record.tokens else None,
         )
 
     # -- sessions -------------------------------------------------------------------------------

@@ -72,18 +72,26 @@ def _when(ts: float | None, empty: str = "-") -> str:
 @click.option("--scope", "scopes", multiple=True, required=True, help="Repeat for each scope.")
 @click.option("--expires", default=None, help="Lifetime such as 30d or 12h (default: none).")
 @click.option("--owner", default=None, help="User the key acts for.")
+@click.option(
+    "--rate", "rates", multiple=True, help="Rate for this key, e.g. 60/minute (repeatable)."
+)
+@click.option("--tokens", default=None, help="LLM token budget for this key, e.g. 1e6/day.")
 @data_dir_option
 def create(
     name: str,
     scopes: tuple[str, ...],
     expires: str | None,
     owner: str | None,
+    rates: tuple[str, ...],
+    tokens: str | None,
     data_dir: Path | None,
 ) -> None:
     """Create a key and print it once on stdout."""
     expires_in = _duration("--expires", expires)
     with _keys(data_dir) as keys:
-        record, full_key = keys.create(name, scopes, expires_in=expires_in, owner=owner)
+        record, full_key = keys.create(
+            name, scopes, expires_in=expires_in, owner=owner, rate=rates or None, tokens=tokens
+        )
     click.echo(full_key)
     click.echo(
         f"created API key {record.id} ({record.name}) scopes={','.join(record.scopes)} "

@@ -10,6 +10,7 @@ from garrison import __version__
 from garrison.cli.ca import ca
 from garrison.cli.cert import cert
 from garrison.cli.key import key
+from garrison.cli.limits import limits
 from garrison.cli.up import check, up
 from garrison.cli.user import user
 
@@ -26,6 +27,7 @@ cli.add_command(ca)
 cli.add_command(user)
 cli.add_command(key)
 cli.add_command(cert)
+cli.add_command(limits)
 
 
 def main() -> None:

@@ -75,6 +75,7 @@ class InFlight:
         self._retried = False
         self._tunnel = False
         self._body_waiter: asyncio.Future[None] | None = None
+        self._observer = None
         ex.body_source = self
 
     # -- phase 1: the pipeline ----------------------------------------------------------------
@@ -151,6 +152,18 @@ class InFlight:
             raise BodyTooLarge
         return data
 
+    def _run_finish_hooks(self) -> None:
+        """Give back what stages hold for this request, exactly once, whatever ended it."""
+        self.ex.finished = True
+        hooks, self.ex.on_finish = self.ex.on_finish, None
+        if not hooks:
+            return
+        for hook in hooks:
+            try:
+                hook()
+            except Exception as exc:  # one failing hook must not keep the others' slots
+                self.down.state.log_internal_error(exc)
+
     def _wake_body_reader(self) -> None:
         waiter, self._body_waiter = self._body_waiter, None
         if waiter is not None and not waiter.done():
@@ -161,6 +174,12 @@ class InFlight:
         self.conn = conn
         self._reused = reused
         ex = self.ex
+        if ex.body_override is not None:
+            # The body was read whole by a stage (read_body) and rewritten: send that instead.
+            self.chunked = False
+            self.content_length = len(ex.body_override)
+            self._buffer = [ex.body_override] if ex.body_override else []
+            ex.body_override = None
         if self.expect_continue and not self.body_done and self.body_received == 0:
             self.down.write(wire.CONTINUE)
         if self.chunked:
@@ -261,6 +280,12 @@ class InFlight:
             self._close_after = True
         if ex.response_headers:
             headers = headers + ex.response_headers
+        observer = ex.response_observer
+        if observer is not None:
+            self._observer = observer
+            observer.begin(next((v for n, v in headers if n == b"content-type"), None))
+            if observer.rewrites:  # the length may change: never pass the upstream's on
+                headers = [(n, v) for n, v in headers if n != b"content-length"]
         length = None
         for name, value in headers:
             if name == b"content-length":
@@ -280,6 +305,10 @@ class InFlight:
         self.down.write(wire.response_head(status, reason, headers, security, framing, close))
 
     def on_response_body(self, data: bytes) -> None:
+        if self._observer is not None:
+            data = self._observer.feed(data)
+            if not data:
+                return
         self.bytes_out += len(data)
         self.down.write(wire.chunk(data) if self._chunk_out else data)
 
@@ -291,10 +320,17 @@ class InFlight:
         if self._tunnel:
             self.down.close()
             self._log()
+            self._run_finish_hooks()
             return
+        if self._observer is not None:
+            tail = self._observer.end()
+            if tail:
+                self.bytes_out += len(tail)
+                self.down.write(wire.chunk(tail) if self._chunk_out else tail)
         if self._chunk_out:
             self.down.write(wire.LAST_CHUNK)
         self._log()
+        self._run_finish_hooks()
         self.down.finished(self, self._closing())
 
     def on_upstream_failed(self, error: UpstreamError, response_started: bool) -> None:
@@ -305,6 +341,7 @@ class InFlight:
             self.done = True
             self.ex.stage = "upstream"
             self._log(error=error.kind)
+            self._run_finish_hooks()
             self.down.abort()
             return
         retriable = (
@@ -358,6 +395,7 @@ class InFlight:
 
     def cancel(self) -> None:
         self.done = True
+        self._run_finish_hooks()
         if self.task is not None and not self.task.done():
             self.task.cancel()
         conn, self.conn = self.conn, None
@@ -386,6 +424,7 @@ class InFlight:
             or reply.status in CLOSE_AFTER
         )
         self.runtime.access_log.reply(self.ex, reply, self.runtime)
+        self._run_finish_hooks()
         self.down.send_reply(reply, close=close, head_only=self.ex.method == "HEAD")
         if not close:
             self.down.finished(self, False)

@@ -7,6 +7,8 @@ results and reasons from fixed sets, certificate names from the operator's own s
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -35,3 +37,38 @@ def set_client_cert_expiries(rows: list[tuple[str, str, float]], now: float) -> 
 
 def render() -> bytes:
     return generate_latest(REGISTRY)
+
+
+limit_refusals = Counter(
+    "garrison_limit_refusals",
+    "Requests refused by a limit: rate, concurrency, tokens, backend, upstream_busy.",
+    ["limit"],
+    registry=REGISTRY,
+)
+slots_held = Gauge(
+    "garrison_limit_slots_held",
+    "Concurrency slots held right now in this process (memory backend).",
+    registry=REGISTRY,
+)
+upstream_in_flight = Gauge(
+    "garrison_upstream_in_flight",
+    "Requests holding one of an upstream's max_in_flight slots.",
+    ["upstream"],
+    registry=REGISTRY,
+)
+upstream_queued = Gauge(
+    "garrison_upstream_queued",
+    "Requests waiting for one of an upstream's max_in_flight slots.",
+    ["upstream"],
+    registry=REGISTRY,
+)
+
+
+def track_limits(backend: object, gates: dict[str, Any]) -> None:
+    """Point the limit gauges at the live backend and gates (read at scrape time)."""
+    held = getattr(backend, "slots_held", None)
+    if held is not None:
+        slots_held.set_function(held)
+    for name, gate in gates.items():
+        upstream_in_flight.labels(upstream=name).set_function(lambda g=gate: g.in_flight)
+        upstream_queued.labels(upstream=name).set_function(lambda g=gate: g.queued)

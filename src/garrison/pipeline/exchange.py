@@ -26,6 +26,18 @@ class BodySource(Protocol):
     def read_body(self, limit: int) -> Awaitable[bytes]: ...
 
 
+class ResponseObserver(Protocol):
+    """Sees the response body on its way to the client and may rewrite it (usage events)."""
+
+    rewrites: bool
+
+    def begin(self, content_type: bytes | None) -> None: ...
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def end(self) -> bytes: ...
+
+
 class BodyTooLarge(Exception):
     """The body is longer than the endpoint accepts."""
 
@@ -57,6 +69,22 @@ class Exchange:
     cert_identity: Identity | None = None
     auth_error: str = ""
     body_source: BodySource | None = None
+    # Set by stages that hold something until the request ends (a concurrency slot, a GPU
+    # slot, a token budget): each is called exactly once, however the request ends.
+    on_finish: list[Callable[[], None]] | None = None
+    body_override: bytes | None = None  # a rewritten request body (token budgets)
+    response_observer: ResponseObserver | None = None
+
+    finished: bool = False
+
+    def finally_(self, hook: Callable[[], None]) -> None:
+        """Run `hook` when the request ends (at once if it already has)."""
+        if self.finished:
+            hook()
+        elif self.on_finish is None:
+            self.on_finish = [hook]
+        else:
+            self.on_finish.append(hook)
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header (name lower-case), or None."""

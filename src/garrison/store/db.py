@@ -26,7 +26,7 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 metadata = MetaData()
 
@@ -61,6 +61,9 @@ api_keys = Table(
     Column("revoked_at", Float, nullable=True),
     Column("created_at", Float, nullable=False),
     Column("last_used_at", Float, nullable=True),
+    # Per-key limit overrides: a list of rate texts ("60/minute") and a token budget text.
+    Column("rate", JSON, nullable=True),
+    Column("tokens", String(64), nullable=True),
 )
 
 sessions = Table(
@@ -158,8 +161,12 @@ def open_store(url: str) -> Engine:
         row = conn.execute(schema_info.select()).first()
         if row is None:
             conn.execute(schema_info.insert().values(version=SCHEMA_VERSION))
-        elif row.version < 2:
-            # Version 1 had no credentials_changed_at; the new tables come from create_all.
-            conn.execute(text("ALTER TABLE users ADD COLUMN credentials_changed_at FLOAT"))
+        elif row.version < SCHEMA_VERSION:
+            # New tables come from create_all; new columns of old tables are added here.
+            if row.version < 2:
+                conn.execute(text("ALTER TABLE users ADD COLUMN credentials_changed_at FLOAT"))
+            if row.version < 3:
+                conn.execute(text("ALTER TABLE api_keys ADD COLUMN rate JSON"))
+                conn.execute(text("ALTER TABLE api_keys ADD COLUMN tokens VARCHAR(64)"))
             conn.execute(schema_info.update().values(version=SCHEMA_VERSION))
     return engine
