@@ -35,6 +35,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from garrison.limits.model import Budget, Decision, Rate, RateInfo
+from garrison.limits.resp import FastRedis, RespError
 from garrison.observe import metrics
 
 log = logging.getLogger("garrison.limits")
@@ -180,6 +181,7 @@ class RedisBackend:
         # At most MAX_CONNECTIONS commands in flight (so as many connections): under load,
         # requests queue here, FIFO, instead of opening one connection per request.
         self._slots = asyncio.Semaphore(self.MAX_CONNECTIONS)
+        self._fast = FastRedis(url, timeout=0.5)
         self._admit_sha = _sha(_ADMIT)
         self._heartbeat_sha = _sha(_HEARTBEAT)
         self._spend_sha = _sha(_SPEND)
@@ -219,6 +221,7 @@ class RedisBackend:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._held.clear()
+        await self._fast.close()
         await self._client.aclose()
 
     # -- the hot path --------------------------------------------------------------------------
@@ -273,16 +276,14 @@ class RedisBackend:
             args[len(keys) + 1] = lease
         else:
             args[len(keys) + 1] = ""
-        async with self._slots:
-            # Checked after the wait: requests queued behind a failure fail fast too.
-            if self._down_until and time.monotonic() < self._down_until:
-                self._failed("admit", None)
-                return self._backend_decision()
-            try:
-                res = await self._eval(self._admit_sha, _ADMIT, args)
-            except (TimeoutError, RedisError, OSError) as exc:
-                self._failed("admit", exc)
-                return self._backend_decision()
+        if self._down_until and time.monotonic() < self._down_until:
+            self._failed("admit", None)
+            return self._backend_decision()
+        try:
+            res = await self._admit_call(args)
+        except (TimeoutError, RedisError, RespError, OSError) as exc:
+            self._failed("admit", exc)
+            return self._backend_decision()
         self._down_until = 0.0
         allowed, hit, wait = res[0], res[1], res[2]
         info = self._info(rates, res, allowed == 1)
@@ -320,6 +321,16 @@ class RedisBackend:
             return Decision(True, hit="backend")
         return Decision(False, hit="backend", retry_after=1.0)
 
+    async def _admit_call(self, numkeys_keys_args: list[Any]) -> Any:
+        """The admit script over the pipelined connection (resp.py): EVALSHA, and EVAL after
+        a Redis restart emptied the script cache (which also reloads it)."""
+        try:
+            return await self._fast.call("EVALSHA", self._admit_sha, *numkeys_keys_args)
+        except RespError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            return await self._fast.call("EVAL", _ADMIT, *numkeys_keys_args)
+
     async def _eval(self, sha: str, script: str, numkeys_keys_args: list[Any]) -> Any:
         """EVALSHA; after a Redis restart (empty script cache) EVAL, which also reloads it."""
         try:
@@ -335,7 +346,16 @@ class RedisBackend:
         zkey = self._held.pop(lease, None)
         if zkey is None or self._closed:
             return
-        self._spawn(self._client.execute_command("ZREM", zkey, lease), "release")
+        try:
+            future = self._fast.call("ZREM", zkey, lease)  # pipelined: no task, no pool
+        except RuntimeError:  # no running loop (shutting down): the lease expires by itself
+            return
+        future.add_done_callback(self._release_done)
+
+    def _release_done(self, future: asyncio.Future[Any]) -> None:
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None:
+            self._failed("release", exc)
 
     def spend(self, key: str, budget: Budget, tokens: int, now: float) -> None:
         """Add used tokens (the window, budget.period, starts with the first spend)."""
