@@ -295,3 +295,16 @@ def test_key_override(gw: GatewayProcess, tmp_path: Path) -> None:
     with closing(client(gw, key)) as c:
         statuses = [c.get("/rated/x").status_code for _ in range(9)]
     assert statuses == [200] * 8 + [429]
+
+
+def test_user_override(gw: GatewayProcess) -> None:
+    cli(gw.data_dir, "user", "add", "slowpoke", "--password-stdin", stdin="slowpoke-pass-1\n")
+    cli(gw.data_dir, "user", "limits", "slowpoke", "--rate", "2/minute")
+    with closing(client(gw)) as c:
+        token = c.post(
+            "/.garrison/token",
+            data={"grant_type": "password", "username": "slowpoke", "password": "slowpoke-pass-1"},
+        ).json()["access_token"]
+    with closing(client(gw, token)) as c:
+        statuses = [c.get("/rated/x").status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]  # the user's own 2/minute, not the route's 5/minute

@@ -47,6 +47,14 @@ class _IpFailures:
     until: float = 0.0
 
 
+def _user_limits(user: User) -> dict[str, object]:
+    """A user's own limit overrides, as Identity fields."""
+    return {
+        "rates": tuple(Rate.parse(r) for r in user.rate) if user.rate else None,
+        "budget": Budget.parse(user.tokens) if user.tokens else None,
+    }
+
+
 class AuthService:
     """One per worker process; survives configuration reloads (`configure`)."""
 
@@ -244,6 +252,7 @@ class AuthService:
             roles=user.roles,
             session_hash=id_hash,
             valid_until=record.expires_at,
+            **_user_limits(user),
         )
         record.last_seen = now
         self._session_seen[id_hash] = now
@@ -309,6 +318,10 @@ class AuthService:
     def _token_identity(self, token: str, claims: Claims) -> Identity:
         roles = claims.roles
         email = claims.email
+        overrides: dict[str, object] = {}
+        known = self.directory.get(claims.subject) if claims.own else None
+        if known is not None:
+            overrides = _user_limits(known)
         if claims.own:
             # Garrison's own tokens die with the account or a password change.
             user = self.directory.get(claims.subject)
@@ -326,6 +339,7 @@ class AuthService:
             roles=roles,
             scopes=None if claims.scopes is None else frozenset(claims.scopes),
             valid_until=claims.expires_at,
+            **overrides,  # type: ignore[arg-type]
         )
         self._remember(self._tokens, token, ident)
         return ident

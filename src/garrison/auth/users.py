@@ -43,6 +43,8 @@ class User:
     failed_logins: int
     locked_until: float | None
     credentials_changed_at: float | None = None
+    rate: tuple[str, ...] | None = None  # limit overrides (see garrison.limits)
+    tokens: str | None = None
 
     def locked(self, now: float) -> bool:
         """Whether a login attempt at `now` is refused without looking at the password."""
@@ -108,6 +110,8 @@ def _to_user(row: Any) -> User:
         failed_logins=int(row.failed_logins),
         locked_until=row.locked_until,
         credentials_changed_at=getattr(row, "credentials_changed_at", None),
+        rate=tuple(row.rate) if getattr(row, "rate", None) else None,
+        tokens=getattr(row, "tokens", None),
     )
 
 
@@ -119,6 +123,8 @@ _PUBLIC_COLUMNS = (
     users.c.failed_logins,
     users.c.locked_until,
     users.c.credentials_changed_at,
+    users.c.rate,
+    users.c.tokens,
 )
 
 
@@ -205,6 +211,20 @@ class Users:
 
     def set_roles(self, name: str, roles: Iterable[str]) -> None:
         self._update(name, roles=_check_roles(roles))
+
+    def set_limits(self, name: str, rate: Iterable[str] | None, tokens: str | None) -> None:
+        """Per-user limit overrides (None: the route's own)."""
+        from garrison.limits.model import Budget, Rate
+
+        rates = list(rate) if rate else None
+        try:
+            for text in rates or ():
+                Rate.parse(text)
+            if tokens is not None:
+                Budget.parse(tokens)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        self._update(name, rate=rates, tokens=tokens)
 
     def authenticate(self, name: str, password: str, now: float) -> User | None:
         """The user if `password` is right and the account usable at `now`, else None.

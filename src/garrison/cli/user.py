@@ -144,6 +144,26 @@ def passwd(name: str, password_stdin: bool, data_dir: Path | None) -> None:
         click.echo(password)
 
 
+@user.command("limits")
+@click.argument("name")
+@click.option("--rate", "rates", multiple=True, help="A rate such as 60/minute (repeatable).")
+@click.option("--tokens", default=None, help="An LLM token budget such as 1e6/day.")
+@click.option("--clear", is_flag=True, help="Back to the routes' own limits.")
+@data_dir_option
+def set_limits(
+    name: str, rates: tuple[str, ...], tokens: str | None, clear: bool, data_dir: Path | None
+) -> None:
+    """Give a user their own rates and token budget, instead of the routes' ones."""
+    if clear and (rates or tokens):
+        _fail("use either --rate/--tokens or --clear, not both")
+    if not clear and not rates and tokens is None:
+        _fail("give --rate and/or --tokens, or --clear")
+    with _users(data_dir) as accounts:
+        accounts.set_limits(name, None if clear else rates, None if clear else tokens)
+    shown = "route defaults" if clear else f"rate={','.join(rates) or '-'} tokens={tokens or '-'}"
+    click.echo(f"limits of {name!r}: {shown}", err=True)
+
+
 @user.command("roles")
 @click.argument("name")
 @click.option("--set", "roles", multiple=True, help="A role (repeatable); replaces all roles.")

@@ -26,7 +26,7 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 metadata = MetaData()
 
@@ -43,6 +43,8 @@ users = Table(
     # Sessions and Garrison-signed tokens issued before this time are void (password change,
     # disable): checked against the in-memory user directory, so no session table scan.
     Column("credentials_changed_at", Float, nullable=True),
+    Column("rate", JSON, nullable=True),  # per-user limit overrides, like api_keys'
+    Column("tokens", String(64), nullable=True),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
@@ -168,5 +170,8 @@ def open_store(url: str) -> Engine:
             if row.version < 3:
                 conn.execute(text("ALTER TABLE api_keys ADD COLUMN rate JSON"))
                 conn.execute(text("ALTER TABLE api_keys ADD COLUMN tokens VARCHAR(64)"))
+            if row.version < 4:
+                conn.execute(text("ALTER TABLE users ADD COLUMN rate JSON"))
+                conn.execute(text("ALTER TABLE users ADD COLUMN tokens VARCHAR(64)"))
             conn.execute(schema_info.update().values(version=SCHEMA_VERSION))
     return engine
