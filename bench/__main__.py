@@ -79,6 +79,16 @@ def notes_for(results: runner.Results) -> list[str]:
         "made with `garrison key create`, or a JWT from `/.garrison/token` fetched just before "
         'the measurement). The plain rows use a public route (`auth = ["none"]`). Each auth '
         "measurement follows a urllib request that must answer 200, and fails on any non-2xx.",
+        "Limits rows (Garrison only): the keep-alive 32 run again, same wrk options, with the API "
+        'key, on a route with `auth = ["api_key"]`, `rate = ["100000000/minute"]` and '
+        "`concurrency = 1000` (per identity, never reached), to the same upstream with the prefix "
+        'stripped. Memory: on `garrison` (and `garrison2`), `[limits] backend = "memory"`. '
+        "Redis: on `garrison-redis`, a second 1-process Garrison whose `[limits] backend` is a "
+        "redis-server the bench starts on a free loopback port (`--save '' --appendonly no`) and "
+        "stops by PID; it runs only the plain keep-alive 32 row and this one. Each limits row "
+        "is compared with the plain row of the same process, measured next to it; before it, one "
+        "request must answer 200 with a `RateLimit-Limit` header (the limits stage ran), and any "
+        "non-2xx fails it. The plain route has no limits.",
         "New connections: `hey -disable-keepalive` (Go, HTTP/1.1, no TLS session cache: a full "
         "handshake per request). wrk with `Connection: close` was rejected: it reuses its SSL "
         "object and resumes the session on reconnect (nginx logged $ssl_session_reused=r).",
@@ -126,7 +136,7 @@ def notes_for(results: runner.Results) -> list[str]:
             + " Ciphers: nginx and Garrison (OpenSSL) settle on AES-256-GCM with OpenSSL clients "
             "(wrk, the probe), Caddy (Go) on AES-128-GCM; hey (Go) prefers AES-128-GCM."
         )
-    if {"garrison", "garrison2"} & set(keys):
+    if {"garrison", "garrison2", "garrison-redis"} & set(keys):
         notes.append(
             "Garrison serves a certificate issued by its own CA in its data dir (the config has no "
             "option for an external certificate yet); the bench checks that the server key type "

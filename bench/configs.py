@@ -143,18 +143,50 @@ https://:{port} {{
 
 # The routes of Garrison's auth rows: the same upstream as "/", each behind one method.
 AUTH_ROUTES = {"key": "/auth-key/", "jwt": "/auth-jwt/"}
+# The route of the limits rows: an API key (limits are per identity), a rate far above what the
+# bench can send and a concurrency far above its 32 connections, so that nothing is refused.
+LIMITS_ROUTE = "/lim/"
+LIMITS_RATE = "100000000/minute"
+LIMITS_CONCURRENCY = 1000
 
 
-def garrison_config(directory: Path, certs: CertFiles, upstream_port: int) -> Path:
+def redis_url(port: int) -> str:
+    """The `[limits] backend` of a Garrison that keeps its counters in the bench's redis-server."""
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def redis_argv(executable: str, port: int) -> list[str]:
+    """A throwaway redis-server on 127.0.0.1:port: no RDB snapshots, no AOF."""
+    return [
+        executable,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+
+
+def garrison_config(
+    directory: Path, certs: CertFiles, upstream_port: int, limits_backend: str = "memory"
+) -> Path:
     """Garrison's config: JSON access log to a file; "/" public (`auth = ["none"]`, the baseline
     of every workload); /auth-key/ (API key only) and /auth-jwt/ (JWT only) to the same upstream
-    with the prefix stripped, so that they differ from "/" by authentication alone."""
+    with the prefix stripped, so that they differ from "/" by authentication alone; /lim/ (API key,
+    a rate and a concurrency limit) likewise, its counters in `limits_backend` ("memory" or a
+    redis:// URL). "/" and the auth routes have no limits, so the limits stage passes them by."""
     directory.mkdir(parents=True, exist_ok=True)
     conf = directory / "garrison.toml"
     conf.write_text(
         f"""[server]
 access_log = "{directory}/access.log"
 max_body = "8GiB"
+
+[limits]
+backend = "{limits_backend}"
 
 [[upstream]]
 name = "app"
@@ -176,6 +208,14 @@ path = "{AUTH_ROUTES["jwt"]}"
 upstream = "app"
 strip_prefix = true
 auth = ["jwt"]
+
+[[route]]
+path = "{LIMITS_ROUTE}"
+upstream = "app"
+strip_prefix = true
+auth = ["api_key"]
+rate = ["{LIMITS_RATE}"]
+concurrency = {LIMITS_CONCURRENCY}
 """
     )
     _ = certs  # Garrison issues its own ECDSA P-256 certificate; see targets.garrison_cert_note.

@@ -6,13 +6,15 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from bench.runner import AUTH_VARIANTS, NOISY_CORES, Results
+from bench.runner import NOISY_CORES, VARIANTS, Results
 from bench.targets import LABELS
 
 WORKLOAD_TITLES = {
     "ka32": "keep-alive GETs, 32 conns",
     "ka32key": "keep-alive 32 + API key",
     "ka32jwt": "keep-alive 32 + JWT",
+    "ka32limmem": "keep-alive 32 + limits (memory)",
+    "ka32limredis": "keep-alive 32 + limits (Redis)",
     "ka256": "keep-alive GETs, 256 conns",
     "newconn": "new TLS conn per request",
     "sse": "SSE streams",
@@ -26,7 +28,7 @@ ROWS: tuple[tuple[str, str, str, int], ...] = (
     ("ka32", "cpu_us", "proxy CPU µs/req", 0),
     *(
         (w, metric, label, digits)
-        for w in ("ka32key", "ka32jwt")
+        for w in ("ka32key", "ka32jwt", "ka32limmem", "ka32limredis")
         for metric, label, digits in (
             ("rps", "req/s", 0),
             ("p50_ms", "p50 ms", 2),
@@ -34,6 +36,10 @@ ROWS: tuple[tuple[str, str, str, int], ...] = (
             ("cpu_us", "proxy CPU µs/req", 0),
         )
     ),
+    ("ka32limredis", "redis_cpu_us", "redis-server CPU µs/req", 0),
+    ("ka32limredis", "evalsha_req", "EVALSHA calls/req", 2),
+    ("ka32limredis", "zrem_req", "ZREM calls/req", 2),
+    ("ka32limredis", "redis_calls_req", "Redis commands/req incl. in-script", 2),
     ("ka256", "rps", "req/s", 0),
     ("ka256", "p50_ms", "p50 ms", 2),
     ("ka256", "p99_ms", "p99 ms", 2),
@@ -108,6 +114,23 @@ CHECKS = (
         )
         for target, name in (("garrison", "Garrison"), ("garrison2", "Garrison --workers 2"))
         for workload, method in (("ka32key", "API key"), ("ka32jwt", "JWT"))
+    ),
+    *(
+        Check(
+            f"keep-alive 32: {name} with limits ({backend}) / no limits req/s",
+            workload,
+            "rps",
+            target,
+            target,
+            0.85,
+            True,
+            versus_workload="ka32",
+        )
+        for target, name, workload, backend in (
+            ("garrison", "Garrison", "ka32limmem", "memory"),
+            ("garrison2", "Garrison --workers 2", "ka32limmem", "memory"),
+            ("garrison-redis", "Garrison", "ka32limredis", "Redis"),
+        )
     ),
     Check(
         "new TLS conn: Garrison / nginx handshakes/s",
@@ -213,6 +236,65 @@ def checks_table(results: Results) -> str:
     return "\n".join(lines)
 
 
+def paired_difference(
+    results: Results, workload: str, versus: str, target: str, metric: str
+) -> float | None:
+    """The median over repetitions of (workload - versus) on one target, each pair measured in
+    the same repetition, next to each other; None without a pair."""
+    rows = results.data.get(workload, {}).get(target, [])
+    base = results.data.get(versus, {}).get(target, [])
+    diffs = [
+        a[metric] - b[metric]
+        for a, b in zip(rows, base, strict=False)
+        if a is not None and b is not None and metric in a and metric in b
+    ]
+    return statistics.median(diffs) if diffs else None
+
+
+def redis_cost_lines(results: Results) -> list[str]:
+    """What a Redis round trip costs per request, each figure labelled with what was measured.
+    Empty when the Redis row was not measured."""
+    target = "garrison-redis"
+    if not any(results.data.get("ka32limredis", {}).get(target, [])):
+        return []
+
+    def shown(value: float | None, unit: str, digits: int = 0) -> str:
+        return "-" if value is None else f"{value:,.{digits}f} {unit}".rstrip()
+
+    extra = paired_difference(results, "ka32limredis", "ka32", target, "cpu_us")
+    memory = paired_difference(results, "ka32limmem", "ka32", "garrison", "cpu_us")
+    rps = median(results, "ka32limredis", target, "rps")
+    plain = median(results, "ka32", target, "rps")
+    lines = [
+        "| what | measured | how |",
+        "|---|---|---|",
+        f"| extra Garrison CPU per request, limits in Redis | {shown(extra, 'µs')} | "
+        "proxy CPU µs/req of the Redis row minus the plain row, same `garrison-redis` process, "
+        "median of the per-repetition differences |",
+        f"| extra Garrison CPU per request, limits in memory | {shown(memory, 'µs')} | "
+        "the same for the memory row on `garrison` |",
+        f"| redis-server CPU per request | "
+        f"{shown(median(results, 'ka32limredis', target, 'redis_cpu_us'), 'µs')} | "
+        "user+system time of redis-server during the Redis row / requests |",
+        f"| Redis calls per request from Garrison | "
+        f"{shown(median(results, 'ka32limredis', target, 'evalsha_req'), 'EVALSHA', 2)} + "
+        f"{shown(median(results, 'ka32limredis', target, 'zrem_req'), 'ZREM', 2)} | "
+        "INFO commandstats before and after the row / requests (EVALSHA: the admit script; "
+        "ZREM: the concurrency slot given back, pipelined; all commands Redis counted, those the "
+        "script runs included: "
+        f"{shown(median(results, 'ka32limredis', target, 'redis_calls_req'), '', 2)}) |",
+        f"| time inside Redis per EVALSHA | "
+        f"{shown(median(results, 'ka32limredis', target, 'evalsha_server_us'), 'µs', 1)} | "
+        "commandstats usec / calls of Garrison's own admit script during the row |",
+        f"| one EVALSHA round trip, idle | "
+        f"{shown(median(results, 'ka32limredis', target, 'redis_rtt_us'), 'µs', 1)} | "
+        "synchronous redis-py, `EVALSHA` of `return 1` over loopback, median of 2,000, "
+        "measured right after the row (client + network + Redis, not Garrison's script) |",
+        f"| req/s, Redis row / plain row | {_ratio(rps, plain)} | medians, `garrison-redis` |",
+    ]
+    return lines
+
+
 def _rep_ratio(value: dict[str, float] | None, base: dict[str, float] | None, metric: str) -> str:
     if not value or not base or metric not in value or not base.get(metric):
         return ""
@@ -220,8 +302,8 @@ def _rep_ratio(value: dict[str, float] | None, base: dict[str, float] | None, me
 
 
 def per_rep_table(results: Results) -> str:
-    """The headline number of each repetition, to show the spread behind each median; an auth
-    row also shows its ratio to the plain row of the same target and repetition."""
+    """The headline number of each repetition, to show the spread behind each median; a variant
+    row (auth, limits) also shows its ratio to the plain row of the same target and repetition."""
     key = {"sse": "mean_ms", "upload": "mb_s"}  # else req/s
     lines = [
         "| workload | target | " + " | ".join(f"rep {i + 1}" for i in range(results.plan.reps))
@@ -234,7 +316,7 @@ def per_rep_table(results: Results) -> str:
             if not reps:
                 continue
             metric = key.get(workload, "rps")
-            base = results.data.get(AUTH_VARIANTS.get(workload, ("", ""))[0], {}).get(name, [])
+            base = results.data.get(VARIANTS.get(workload, ("", ""))[0], {}).get(name, [])
             cells = [
                 _fmt(r.get(metric) if r else None, 2 if workload == "sse" else 0)
                 + (" *" if r and r.get("bg_cores", 0.0) > NOISY_CORES else "")
@@ -276,6 +358,11 @@ def render(results: Results, machine: dict[str, str], notes: list[str]) -> str:
         "",
         checks_table(results),
         "",
+        *(
+            ["## Limits in Redis: the cost per request", "", *redis_cost_lines(results), ""]
+            if redis_cost_lines(results)
+            else []
+        ),
         "## TLS served by each target",
         "",
         "| target | server key | CA key | protocol | cipher |",

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,18 +15,45 @@ from bench.certs import CertFiles, make_certs
 from bench.machine import REPO
 from bench.procs import BackgroundMeter, Proc, Procs, free_port
 
-WORKLOADS = ("ka32", "ka32key", "ka32jwt", "ka256", "newconn", "sse", "upload")
-# The auth rows: workload -> (the plain workload it is compared with, the auth method). Run only
-# against targets.AUTH_TARGETS, each measured right next to its plain workload on the same target.
-AUTH_VARIANTS = {"ka32key": ("ka32", "key"), "ka32jwt": ("ka32", "jwt")}
+WORKLOADS = (
+    "ka32",
+    "ka32key",
+    "ka32jwt",
+    "ka32limmem",
+    "ka32limredis",
+    "ka256",
+    "newconn",
+    "sse",
+    "upload",
+)
+# The variant rows: workload -> (the plain workload it is compared with, what differs). Each runs
+# only against VARIANT_TARGETS[workload], right next to its plain workload on the same target.
+VARIANTS = {
+    "ka32key": ("ka32", "key"),
+    "ka32jwt": ("ka32", "jwt"),
+    "ka32limmem": ("ka32", "limits"),
+    "ka32limredis": ("ka32", "limits"),
+}
+AUTH_VARIANTS = {w: v for w, v in VARIANTS.items() if v[1] in ("key", "jwt")}
+VARIANT_TARGETS = {
+    "ka32key": targets.AUTH_TARGETS,
+    "ka32jwt": targets.AUTH_TARGETS,
+    "ka32limmem": tuple(t for t, b in targets.LIMITS_BACKENDS.items() if b == "memory"),
+    "ka32limredis": tuple(t for t, b in targets.LIMITS_BACKENDS.items() if b == "redis"),
+}
+# Targets that run only some workloads: the Redis-backed Garrison exists for its limits row (and
+# the plain row it is compared with).
+TARGET_WORKLOADS = {"garrison-redis": ("ka32", "ka32limredis")}
+_LIMITS = ("ka32", "ka32limmem", "ka32limredis")
 ALIASES = {
-    "keepalive": ("ka32", "ka32key", "ka32jwt", "ka256"),
-    "small": ("ka32", "ka32key", "ka32jwt", "ka256", "newconn"),
+    "keepalive": ("ka32", "ka32key", "ka32jwt", "ka32limmem", "ka32limredis", "ka256"),
+    "small": ("ka32", "ka32key", "ka32jwt", "ka32limmem", "ka32limredis", "ka256", "newconn"),
     "auth": ("ka32", "ka32key", "ka32jwt"),
+    "limits": _LIMITS,
 }
 # Workloads that share one upstream (and one start of every target).
 GROUPS = (
-    ("small", ("ka32", "ka32key", "ka32jwt", "ka256", "newconn")),
+    ("small", ("ka32", "ka32key", "ka32jwt", "ka32limmem", "ka32limredis", "ka256", "newconn")),
     ("sse", ("sse",)),
     ("upload", ("upload",)),
 )
@@ -82,30 +109,50 @@ def expand_workloads(names: list[str]) -> tuple[str, ...]:
     return tuple(w for w in WORKLOADS if w in chosen)
 
 
+def runs_on(workload: str, target: str, variant_targets: Mapping[str, Collection[str]]) -> bool:
+    """Whether workload is measured on target: a variant row only on its variant_targets, and a
+    target of TARGET_WORKLOADS only in its workloads."""
+    if workload in VARIANTS and target not in variant_targets.get(workload, ()):
+        return False
+    return target not in TARGET_WORKLOADS or workload in TARGET_WORKLOADS[target]
+
+
 def schedule(
-    names: tuple[str, ...], order: list[str], rep: int, auth_targets: tuple[str, ...]
+    names: tuple[str, ...],
+    order: list[str],
+    rep: int,
+    variant_targets: Mapping[str, Collection[str]],
 ) -> list[tuple[str, str]]:
     """(workload, target) in measurement order for one repetition.
 
     Each workload runs against every target in order (reversed by the caller every other
-    repetition). An auth row runs only against auth_targets, next to its plain workload on the
-    same target: plain, key, JWT on even repetitions and JWT, key, plain on odd ones, so that
-    neither side of a ratio always comes first.
+    repetition). A variant row (auth, limits) runs only against its variant_targets, next to its
+    plain workload on the same target: plain, key, JWT, limits on even repetitions and the reverse
+    on odd ones, so that neither side of a ratio always comes first.
     """
     pairs: list[tuple[str, str]] = []
     for workload in names:
-        if workload in AUTH_VARIANTS and AUTH_VARIANTS[workload][0] in names:
+        if workload in VARIANTS and VARIANTS[workload][0] in names:
             continue  # measured next to its plain workload
-        variants = [v for v in names if v in AUTH_VARIANTS and AUTH_VARIANTS[v][0] == workload]
+        variants = [v for v in names if v in VARIANTS and VARIANTS[v][0] == workload]
         for target in order:
-            authed = target in auth_targets
-            if workload in AUTH_VARIANTS and not authed:
+            if not runs_on(workload, target, variant_targets):
                 continue
-            together = [workload, *variants] if authed else [workload]
+            together = [
+                workload,
+                *(v for v in variants if runs_on(v, target, variant_targets)),
+            ]
             if rep % 2:
                 together.reverse()
             pairs += [(w, target) for w in together]
     return pairs
+
+
+def variant_targets_of(running: list[targets.Target]) -> dict[str, tuple[str, ...]]:
+    """VARIANT_TARGETS narrowed to the targets that started with what the row needs (an API key,
+    the limits backend)."""
+    ready = {t.name for t in running if t.api_key is not None}
+    return {w: tuple(t for t in names if t in ready) for w, names in VARIANT_TARGETS.items()}
 
 
 def _log(message: str) -> None:
@@ -177,6 +224,8 @@ def _runner(
     if workload in AUTH_VARIANTS:
         kind = AUTH_VARIANTS[workload][1]
         return lambda: workloads.keepalive(target, 32, params, auth=kind)
+    if workload in VARIANTS:
+        return lambda: workloads.keepalive(target, 32, params, limits=True)
     if workload == "ka256":
         return lambda: workloads.keepalive(target, 256, params)
     if workload == "newconn":
@@ -194,6 +243,9 @@ def _warm_up(group: str, target: targets.Target, workdir: Path, duration: float)
             for kind, path in configs.AUTH_ROUTES.items():
                 headers = targets.auth_headers(target, kind)
                 loadgen.wrk(f"{target.base_url}{path}", 32, min(1.0, duration), headers=headers)
+            url = f"{target.base_url}{configs.LIMITS_ROUTE}"
+            headers = targets.key_headers(target)
+            loadgen.wrk(url, 32, min(1.0, duration), headers=headers)
     elif group == "sse":
         workloads.sse(target, workloads.Params(sse_streams=20, sse_events=10))
     else:
@@ -215,6 +267,9 @@ def _run_group(
         _, upstream_port = start_upstream(group, procs, workdir / group)
         running: list[targets.Target] = []
         for name in plan.targets:
+            own = TARGET_WORKLOADS.get(name)
+            if own is not None and not any(w in VARIANTS and w in names for w in own):
+                continue  # started only for its own variant rows
             try:
                 target = targets.start(name, procs, workdir / group, upstream_port, certs)
                 _warm_up(group, target, workdir, plan.params.duration)
@@ -226,11 +281,11 @@ def _run_group(
                 results.tls.setdefault(name, target.tls)
             running.append(target)
         by_name = {t.name: t for t in running}
-        auth_targets = tuple(t.name for t in running if t.api_key is not None)
+        variant_targets = variant_targets_of(running)
         for rep in range(plan.reps):
             order = running if rep % 2 == 0 else running[::-1]
             _log(f"{group}: repetition {rep + 1}/{plan.reps}: {' '.join(t.name for t in order)}")
-            for workload, name in schedule(names, [t.name for t in order], rep, auth_targets):
+            for workload, name in schedule(names, [t.name for t in order], rep, variant_targets):
                 target = by_name[name]
                 run_one = _runner(workload, target, plan.params, upload_file)
                 _measure(results, workload, target, rep, run_one)

@@ -1,4 +1,5 @@
-"""The targets: the direct upstream (the ceiling), nginx, Caddy, Garrison (1 and 2 workers).
+"""The targets: the direct upstream (the ceiling), nginx, Caddy, Garrison (1 and 2 workers), and
+Garrison with its limit counters in a redis-server of its own (the limits rows only).
 
 A target is started in front of one upstream port and probed once over TLS, so that the results can
 say which certificate key and TLS version each one actually served.
@@ -11,28 +12,36 @@ import re
 import shutil
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
+
 from bench import configs
 from bench.certs import CertFiles, describe_key
 from bench.procs import Proc, Procs, free_port
 
-ALL_TARGETS = ("direct", "nginx", "caddy", "garrison", "garrison2")
+ALL_TARGETS = ("direct", "nginx", "caddy", "garrison", "garrison2", "garrison-redis")
 LABELS = {
     "direct": "direct (no proxy, plain HTTP)",
     "nginx": "nginx (1 worker)",
     "caddy": "Caddy",
     "garrison": "Garrison (1 process)",
     "garrison2": "Garrison (--workers 2)",
+    "garrison-redis": "Garrison (1 process, `[limits] backend` = its own redis-server)",
 }
+GARRISONS = ("garrison", "garrison2", "garrison-redis")
 # The targets with the authenticated routes of configs.AUTH_ROUTES (an API key made at start).
 AUTH_TARGETS = ("garrison", "garrison2")
+# Where each Garrison keeps the counters of configs.LIMITS_ROUTE.
+LIMITS_BACKENDS = {"garrison": "memory", "garrison2": "memory", "garrison-redis": "redis"}
 
 
 @dataclass
@@ -44,7 +53,10 @@ class Target:
     proc: Proc | None = None
     access_log: Path | None = None
     tls: dict[str, str] = field(default_factory=dict)
-    api_key: str | None = None  # AUTH_TARGETS only: a key with scope "bench"
+    api_key: str | None = None  # Garrison only: a key with scope "bench"
+    limits: str | None = None  # Garrison only: LIMITS_BACKENDS[name]
+    redis: Proc | None = None  # garrison-redis only: its redis-server
+    redis_port: int | None = None
 
 
 def garrison_executable() -> str:
@@ -84,17 +96,27 @@ def _insecure() -> ssl.SSLContext:
     return context
 
 
-def http_status(
+def http_get(
     url: str, headers: dict[str, str] | None = None, form: dict[str, str] | None = None
-) -> tuple[int, bytes]:
-    """(status, body) of one GET (or form POST) with urllib; an error status is returned too."""
+) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers with lower-case names, body) of one GET (or form POST) with urllib; an
+    error status is returned too."""
     data = urllib.parse.urlencode(form).encode() if form is not None else None
     request = urllib.request.Request(url, data=data, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=10, context=_insecure()) as response:
-            return response.status, response.read()
+            got = {k.lower(): v for k, v in response.headers.items()}
+            return response.status, got, response.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def http_status(
+    url: str, headers: dict[str, str] | None = None, form: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """(status, body) of one GET (or form POST) with urllib; an error status is returned too."""
+    status, _, body = http_get(url, headers, form)
+    return status, body
 
 
 def create_api_key(data_dir: Path) -> str:
@@ -139,6 +161,83 @@ def require_status(url: str, expected: int, headers: dict[str, str] | None = Non
         raise RuntimeError(f"GET {url} answered {status}, not {expected}: {body[:200]!r}")
 
 
+def key_headers(target: Target) -> dict[str, str]:
+    """`Authorization: Bearer <the target's API key>`: the credential of the limits rows."""
+    if target.api_key is None:
+        raise RuntimeError(f"{target.name} has no API key")
+    return {"Authorization": f"Bearer {target.api_key}"}
+
+
+def require_limited(url: str, headers: dict[str, str]) -> None:
+    """Fail loudly unless one request to url is admitted (200) by the limits stage: the response
+    must carry `RateLimit-Limit`, which only that stage adds."""
+    status, got, body = http_get(url, headers)
+    if status != 200:
+        raise RuntimeError(f"GET {url} answered {status}, not 200: {body[:200]!r}")
+    if "ratelimit-limit" not in got:
+        raise RuntimeError(f"GET {url}: no RateLimit-Limit header; the limits stage did not run")
+
+
+def check_limits_route(target: Target) -> None:
+    """The limits route refuses no credentials and admits the API key, with RateLimit-* headers."""
+    url = f"{target.base_url}{configs.LIMITS_ROUTE}"
+    require_status(url, 401)
+    require_limited(url, key_headers(target))
+
+
+def redis_server_executable() -> str:
+    """redis-server on PATH (or /usr/bin); the Redis row cannot run without it."""
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
+    if not found:
+        raise RuntimeError(
+            "redis-server is not installed: the limits (Redis) row needs it (make sysdeps)"
+        )
+    return found
+
+
+def start_redis(procs: Procs) -> tuple[Proc, int]:
+    """A throwaway redis-server on a free 127.0.0.1 port (stopped by PID with the other procs)."""
+    port = free_port()
+    proc = procs.start("redis", configs.redis_argv(redis_server_executable(), port))
+    proc.wait_port(port)
+    if redis_client(port).ping() is not True:
+        raise RuntimeError(f"redis-server on port {port} does not answer PING")
+    return proc, port
+
+
+def redis_client(port: int) -> redis.Redis:
+    """A synchronous redis-py client of the bench's redis-server."""
+    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+
+
+def redis_counts(port: int) -> dict[str, float]:
+    """Commands Redis has run so far: EVALSHA calls, the µs Redis spent in them, ZREM calls, and
+    all calls (commandstats also counts the commands a script runs with redis.call)."""
+    stats = redis_client(port).info("commandstats")
+    evalsha = stats.get("cmdstat_evalsha", {})
+    return {
+        "evalsha": float(evalsha.get("calls", 0)),
+        "evalsha_usec": float(evalsha.get("usec", 0)),
+        "zrem": float(stats.get("cmdstat_zrem", {}).get("calls", 0)),
+        "calls": float(sum(v.get("calls", 0) for v in stats.values() if isinstance(v, dict))),
+    }
+
+
+def redis_round_trip_us(port: int, count: int = 2000) -> float:
+    """Median µs of one EVALSHA of a one-line script (`return 1`) with synchronous redis-py over
+    loopback: the network + client cost of a round trip, without Garrison's script."""
+    client = redis_client(port)
+    sha = client.script_load("return 1")
+    samples = []
+    for _ in range(count):
+        began = time.perf_counter_ns()
+        client.evalsha(sha, 0)
+        samples.append(time.perf_counter_ns() - began)
+    return statistics.median(samples) / 1000
+
+
 def check_auth_routes(target: Target) -> None:
     """The baseline is public, the auth routes refuse no credentials and accept theirs."""
     require_status(f"{target.base_url}/", 200)
@@ -155,6 +254,8 @@ def start(name: str, procs: Procs, workdir: Path, upstream_port: int, certs: Cer
     port = free_port()
     directory = workdir / name
     api_key: str | None = None
+    redis_proc: Proc | None = None
+    redis_port: int | None = None
     if name == "nginx":
         conf = configs.nginx_proxy(directory, port, upstream_port, certs)
         proc = procs.start(name, ["nginx", "-c", str(conf), "-p", str(directory)])
@@ -165,8 +266,12 @@ def start(name: str, procs: Procs, workdir: Path, upstream_port: int, certs: Cer
         argv = ["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"]
         proc = procs.start(name, argv, env=home)
         proc.wait_port(port)
-    elif name in ("garrison", "garrison2"):
-        conf = configs.garrison_config(directory, certs, upstream_port)
+    elif name in GARRISONS:
+        backend = "memory"
+        if LIMITS_BACKENDS[name] == "redis":
+            redis_proc, redis_port = start_redis(procs)
+            backend = configs.redis_url(redis_port)
+        conf = configs.garrison_config(directory, certs, upstream_port, backend)
         data_dir = directory / "data"
         api_key = create_api_key(data_dir)
         argv = [
@@ -189,7 +294,10 @@ def start(name: str, procs: Procs, workdir: Path, upstream_port: int, certs: Cer
     target = Target(name, f"https://127.0.0.1:{port}", proc, directory / "access.log")
     if api_key is not None:
         target.api_key = api_key
+        target.limits = LIMITS_BACKENDS[name]
+        target.redis, target.redis_port = redis_proc, redis_port
         check_auth_routes(target)
+        check_limits_route(target)
     target.tls = probe_tls(port)
     target.tls["ca"] = describe_key(_ca_path(proc, certs).read_bytes())
     return target

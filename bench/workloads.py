@@ -15,7 +15,15 @@ from pathlib import Path
 
 from bench import configs, loadgen
 from bench.procs import RssSampler
-from bench.targets import Target, auth_headers, require_status
+from bench.targets import (
+    Target,
+    auth_headers,
+    key_headers,
+    redis_counts,
+    redis_round_trip_us,
+    require_limited,
+    require_status,
+)
 
 MB = 1e6
 
@@ -37,20 +45,33 @@ def _cpu(target: Target) -> float:
 
 
 def keepalive(
-    target: Target, connections: int, params: Params, auth: str | None = None
+    target: Target,
+    connections: int,
+    params: Params,
+    auth: str | None = None,
+    limits: bool = False,
 ) -> dict[str, float]:
     """Keep-alive small GETs with wrk: req/s, p50/p99 ms, proxy CPU µs per request.
 
     auth "key" or "jwt": the same GETs to the route that takes only that method, each with
     `Authorization: Bearer` (a JWT fresh from the token endpoint for this measurement), after
-    one request with urllib that must answer 200. Any non-2xx response fails the measurement:
-    a run of refusals would measure the error path, not the proxy.
+    one request with urllib that must answer 200. limits: the same GETs with the API key to the
+    route with a rate and a concurrency limit, after one request that must be admitted (200 with
+    `RateLimit-Limit`); with the target's Redis, also what Redis did per request. Any non-2xx
+    response fails the measurement: a run of refusals would measure the error path, not the proxy.
     """
     url, headers = f"{target.base_url}/", None
     if auth is not None:
         url = f"{target.base_url}{configs.AUTH_ROUTES[auth]}"
         headers = auth_headers(target, auth)
         require_status(url, 200, headers)
+    elif limits:
+        url = f"{target.base_url}{configs.LIMITS_ROUTE}"
+        headers = key_headers(target)
+        require_limited(url, headers)
+    redis_port = target.redis_port if limits else None
+    counts = redis_counts(redis_port) if redis_port else None
+    redis_cpu = target.redis.cpu_seconds() if redis_port and target.redis else 0.0
     before = _cpu(target)
     result = loadgen.wrk(url, connections, params.duration, headers=headers)
     if result["non_2xx"]:
@@ -59,7 +80,31 @@ def keepalive(
         )
     if target.proc and result["requests"]:
         result["cpu_us"] = (_cpu(target) - before) / result["requests"] * 1e6
+    if redis_port and counts is not None and result["requests"]:
+        if target.redis:
+            result["redis_cpu_us"] = (
+                (target.redis.cpu_seconds() - redis_cpu) / result["requests"] * 1e6
+            )
+        result.update(redis_per_request(counts, redis_counts(redis_port), result["requests"]))
+        result["redis_rtt_us"] = redis_round_trip_us(redis_port)
     return result
+
+
+def redis_per_request(
+    before: dict[str, float], after: dict[str, float], requests: float
+) -> dict[str, float]:
+    """What Redis did per proxied request between two redis_counts: EVALSHA calls, ZREM calls
+    (a concurrency slot given back) and all commands (those inside the script too) per request,
+    and the µs Redis itself spent in one EVALSHA (its commandstats)."""
+    evalsha = after["evalsha"] - before["evalsha"]
+    out = {
+        "evalsha_req": evalsha / requests,
+        "zrem_req": (after.get("zrem", 0.0) - before.get("zrem", 0.0)) / requests,
+        "redis_calls_req": (after["calls"] - before["calls"]) / requests,
+    }
+    if evalsha:
+        out["evalsha_server_us"] = (after["evalsha_usec"] - before["evalsha_usec"]) / evalsha
+    return out
 
 
 def _reused_count(log: Path | None, offset: int) -> tuple[int, int]:

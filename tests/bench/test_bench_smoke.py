@@ -87,7 +87,15 @@ def test_command_line_plan() -> None:
     plan = cli.plan_from(
         cli.parse_args(["--quick", "--only", "keepalive,sse", "--targets", "nginx"])
     )
-    assert plan.workloads == ("ka32", "ka32key", "ka32jwt", "ka256", "sse")
+    assert plan.workloads == (
+        "ka32",
+        "ka32key",
+        "ka32jwt",
+        "ka32limmem",
+        "ka32limredis",
+        "ka256",
+        "sse",
+    )
     assert plan.targets == ("nginx",)
     assert plan.reps == 1
     assert plan.retries == 0
@@ -117,3 +125,37 @@ def test_garrison_auth_rows_are_accepted(tmp_path: Path) -> None:
     text = cli.write_report(results, tmp_path / "report.md")
     assert "| keep-alive 32 + API key | req/s |" in text
     assert "| keep-alive 32: Garrison with JWT / no auth req/s | " in text
+
+
+def test_garrison_limits_rows_are_admitted(tmp_path: Path) -> None:
+    """The memory and Redis limits rows get 200s with RateLimit headers (checked before each row,
+    a non-2xx fails it), Redis sees an EVALSHA per request, and the report has the ratios."""
+    missing = [tool for tool in ("nginx", "wrk", "redis-server") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"bench peers not installed: {', '.join(missing)}")
+    plan = runner.Plan(
+        targets=("garrison", "garrison-redis"),
+        workloads=runner.expand_workloads(["limits"]),
+        reps=1,
+        params=workloads.Params(duration=1.0),
+        retries=0,
+    )
+    results = runner.run(plan, tmp_path / "work")
+    assert not results.problems
+    for workload, target in (
+        ("ka32", "garrison"),
+        ("ka32limmem", "garrison"),
+        ("ka32", "garrison-redis"),
+        ("ka32limredis", "garrison-redis"),
+    ):
+        measured = _value(results, workload, target)
+        assert measured["rps"] > 0
+        assert measured["non_2xx"] == 0
+    redis = _value(results, "ka32limredis", "garrison-redis")
+    assert redis["evalsha_req"] > 0.9  # one admit per request (round-off at the ends)
+    assert redis["redis_rtt_us"] > 0
+    assert "evalsha_req" not in _value(results, "ka32", "garrison-redis")
+    text = cli.write_report(results, tmp_path / "report.md")
+    assert "| keep-alive 32 + limits (Redis) | req/s |" in text
+    assert "| keep-alive 32: Garrison with limits (Redis) / no limits req/s | " in text
+    assert "## Limits in Redis: the cost per request" in text

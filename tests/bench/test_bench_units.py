@@ -10,7 +10,7 @@ from bench.certs import CertFiles
 from bench.targets import Target
 
 from bench import __main__ as cli
-from bench import configs, loadgen, report, runner, workloads
+from bench import configs, loadgen, report, runner, targets, workloads
 from garrison.config import build
 
 WRK_OUTPUT = """Running 1s test @ https://127.0.0.1:8443/auth-key/
@@ -87,7 +87,8 @@ def test_keepalive_with_auth_checks_first_and_refuses_non_2xx(
 def test_auth_rows_run_next_to_the_plain_row_on_auth_targets_only() -> None:
     names = ("ka32", "ka32key", "ka32jwt", "ka256")
     order = ["nginx", "garrison"]
-    assert runner.schedule(names, order, 0, ("garrison",)) == [
+    auth = {"ka32key": ("garrison",), "ka32jwt": ("garrison",)}
+    assert runner.schedule(names, order, 0, auth) == [
         ("ka32", "nginx"),
         ("ka32", "garrison"),
         ("ka32key", "garrison"),
@@ -96,20 +97,27 @@ def test_auth_rows_run_next_to_the_plain_row_on_auth_targets_only() -> None:
         ("ka256", "garrison"),
     ]
     # Odd repetitions: the caller reverses the targets; the auth trio is reversed here.
-    assert runner.schedule(names, order[::-1], 1, ("garrison",))[:4] == [
+    assert runner.schedule(names, order[::-1], 1, auth)[:4] == [
         ("ka32jwt", "garrison"),
         ("ka32key", "garrison"),
         ("ka32", "garrison"),
         ("ka32", "nginx"),
     ]
     # Without its plain row an auth row still runs, on auth targets only.
-    assert runner.schedule(("ka32key",), order, 0, ("garrison",)) == [("ka32key", "garrison")]
-    assert runner.schedule(names[:3], ["direct"], 0, ()) == [("ka32", "direct")]
+    assert runner.schedule(("ka32key",), order, 0, auth) == [("ka32key", "garrison")]
+    assert runner.schedule(names[:3], ["direct"], 0, {}) == [("ka32", "direct")]
 
 
 def test_aliases_include_the_auth_rows() -> None:
     assert runner.expand_workloads(["auth"]) == ("ka32", "ka32key", "ka32jwt")
-    assert runner.expand_workloads(["keepalive"]) == ("ka32", "ka32key", "ka32jwt", "ka256")
+    assert runner.expand_workloads(["keepalive"]) == (
+        "ka32",
+        "ka32key",
+        "ka32jwt",
+        "ka32limmem",
+        "ka32limredis",
+        "ka256",
+    )
     assert set(runner.expand_workloads(["small"])) == set(runner.GROUPS[0][1])
     plan = cli.plan_from(cli.parse_args(["--only", "auth", "--targets", "garrison"]))
     assert plan.workloads == ("ka32", "ka32key", "ka32jwt")
@@ -177,3 +185,176 @@ def test_summary_and_repetitions_show_the_auth_rows() -> None:
     reps = report.per_rep_table(results)
     assert "| ka32key rps | garrison | 9,500 (0.95x) | 9,600 (0.96x) | 9,700 (0.97x) |" in reps
     assert "| ka32 rps | garrison | 10,000 | 10,000 | 10,000 |" in reps
+
+
+def test_garrison_config_limits_route_and_backend(tmp_path: Path) -> None:
+    config = build(configs.garrison_config(tmp_path, _certs(tmp_path), 9999))
+    assert config.limits.backend == "memory"
+    routes = {r.path: r for r in config.route}
+    limited = routes[configs.LIMITS_ROUTE]
+    assert limited.auth == ["api_key"]  # limits are per identity: the rows send the API key
+    assert limited.rate == [configs.LIMITS_RATE]
+    assert limited.concurrency == configs.LIMITS_CONCURRENCY
+    assert limited.strip_prefix and limited.upstream == "app"
+    # The plain and auth routes have no limits: the limits stage lets them by.
+    assert all(not r.rate and r.concurrency is None for p, r in routes.items() if p != "/lim/")
+    url = configs.redis_url(6399)
+    assert build(configs.garrison_config(tmp_path, _certs(tmp_path), 9999, url)).limits.backend == (
+        "redis://127.0.0.1:6399/0"
+    )
+
+
+def test_redis_server_argv_is_throwaway_and_on_loopback() -> None:
+    argv = configs.redis_argv("/usr/bin/redis-server", 7001)
+    assert argv[0] == "/usr/bin/redis-server"
+    pairs = dict(zip(argv[1::2], argv[2::2], strict=True))
+    assert pairs == {"--bind": "127.0.0.1", "--port": "7001", "--save": "", "--appendonly": "no"}
+
+
+def test_missing_redis_server_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(targets.shutil, "which", lambda name: None)
+    monkeypatch.setattr(targets.Path, "exists", lambda self: False)
+    with pytest.raises(RuntimeError, match="redis-server is not installed"):
+        targets.redis_server_executable()
+
+
+def test_keepalive_with_limits_checks_admission_and_counts_redis_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[object, ...]] = []
+    monkeypatch.setattr(
+        workloads, "require_limited", lambda url, h: calls.append(("check", url, h))
+    )
+    counts = iter(
+        [
+            {"evalsha": 100.0, "evalsha_usec": 1000.0, "zrem": 100.0, "calls": 500.0},
+            {"evalsha": 10522.0, "evalsha_usec": 209440.0, "zrem": 10522.0, "calls": 94298.0},
+        ]
+    )
+    monkeypatch.setattr(workloads, "redis_counts", lambda port: next(counts))
+    monkeypatch.setattr(workloads, "redis_round_trip_us", lambda port: 80.0)
+
+    def fake_wrk(url: str, connections: int, duration: float, headers: object = None) -> dict:
+        calls.append(("wrk", url, headers))
+        return loadgen.parse_wrk(WRK_OUTPUT.replace("  Non-2xx or 3xx responses: 17\n", ""))
+
+    monkeypatch.setattr(loadgen, "wrk", fake_wrk)
+    target = Target("garrison-redis", "https://127.0.0.1:1", api_key="gk_a_b", redis_port=7001)
+    result = workloads.keepalive(target, 32, workloads.Params(duration=1), limits=True)
+    url, headers = "https://127.0.0.1:1/lim/", {"Authorization": "Bearer gk_a_b"}
+    assert calls == [("check", url, headers), ("wrk", url, headers)]
+    assert result["evalsha_req"] == pytest.approx(1.0)  # 10,422 requests, 10,422 EVALSHAs
+    assert result["zrem_req"] == pytest.approx(1.0)
+    assert result["redis_calls_req"] == pytest.approx(9.0)
+    assert result["evalsha_server_us"] == pytest.approx(20.0)
+    assert result["redis_rtt_us"] == 80.0
+
+    # Without Redis (the memory row): no Redis figures; a refusal fails the measurement.
+    monkeypatch.setattr(loadgen, "wrk", lambda *a, **k: loadgen.parse_wrk(WRK_OUTPUT))
+    memory = Target("garrison", "https://127.0.0.1:1", api_key="gk_a_b")
+    with pytest.raises(loadgen.LoadError, match="17 of 10422 responses were not 2xx"):
+        workloads.keepalive(memory, 32, workloads.Params(duration=1), limits=True)
+
+
+def test_require_limited_wants_200_and_the_ratelimit_header(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    answers = iter(
+        [
+            (200, {"ratelimit-limit": "100000000"}, b"ok"),
+            (200, {}, b"ok"),
+            (429, {"ratelimit-limit": "1"}, b"no"),
+        ]
+    )
+    monkeypatch.setattr(targets, "http_get", lambda url, headers: next(answers))
+    targets.require_limited("https://h/lim/", {})
+    with pytest.raises(RuntimeError, match="no RateLimit-Limit header"):
+        targets.require_limited("https://h/lim/", {})
+    with pytest.raises(RuntimeError, match="answered 429"):
+        targets.require_limited("https://h/lim/", {})
+
+
+def test_limits_rows_run_next_to_the_plain_row_on_their_backends() -> None:
+    names = runner.expand_workloads(["limits"])
+    assert names == ("ka32", "ka32limmem", "ka32limredis")
+    order = ["nginx", "garrison", "garrison-redis"]
+    allowed = runner.VARIANT_TARGETS
+    assert runner.schedule(names, order, 0, allowed) == [
+        ("ka32", "nginx"),
+        ("ka32", "garrison"),
+        ("ka32limmem", "garrison"),
+        ("ka32", "garrison-redis"),
+        ("ka32limredis", "garrison-redis"),
+    ]
+    assert runner.schedule(names, order[::-1], 1, allowed) == [
+        ("ka32limredis", "garrison-redis"),
+        ("ka32", "garrison-redis"),
+        ("ka32limmem", "garrison"),
+        ("ka32", "garrison"),
+        ("ka32", "nginx"),
+    ]
+    # garrison-redis runs nothing but its own rows; the auth rows stay on garrison.
+    every = runner.schedule(runner.WORKLOADS[:7], ["garrison", "garrison-redis"], 0, allowed)
+    assert [w for w, t in every if t == "garrison-redis"] == ["ka32", "ka32limredis"]
+    assert ("ka32key", "garrison") in every and ("ka32limmem", "garrison") in every
+    # A target that did not start with a key runs no variant rows.
+    running = [Target("garrison", "https://h", api_key="gk"), Target("garrison-redis", "https://r")]
+    assert runner.variant_targets_of(running)["ka32limredis"] == ()
+    assert runner.variant_targets_of(running)["ka32limmem"] == ("garrison",)
+
+
+def _limits_results() -> runner.Results:
+    plan = runner.Plan(
+        targets=("garrison", "garrison-redis"),
+        workloads=runner.expand_workloads(["limits"]),
+        reps=3,
+        params=workloads.Params(),
+    )
+    results = runner.Results(plan)
+    rows = {
+        ("ka32", "garrison"): [(10000, 140), (10000, 150), (10000, 160)],
+        ("ka32limmem", "garrison"): [(8500, 160), (8600, 170), (8700, 180)],  # 0.86x
+        ("ka32", "garrison-redis"): [(10000, 140), (9000, 150), (11000, 160)],
+        ("ka32limredis", "garrison-redis"): [(8000, 200), (8400, 230), (8600, 260)],  # 0.84x
+    }
+    for (workload, target), values in rows.items():
+        for rep, (rps, cpu) in enumerate(values):
+            value = {"rps": float(rps), "cpu_us": float(cpu)}
+            if workload == "ka32limredis":
+                value |= {"evalsha_req": 1.0, "zrem_req": 1.0, "redis_calls_req": 9.0}
+                value |= {"evalsha_server_us": 20.0, "redis_rtt_us": 80.0, "redis_cpu_us": 30.0}
+            results.add(workload, target, rep, value)
+    return results
+
+
+def test_limits_ratios_pass_at_eighty_five_percent_of_the_plain_run() -> None:
+    text = report.checks_table(_limits_results())
+    memory = _check_line(text, "keep-alive 32: Garrison with limits (memory) / no limits req/s")
+    assert memory.endswith("| 0.86x | ≥ 0.85x | PASS |")
+    redis = _check_line(text, "keep-alive 32: Garrison with limits (Redis) / no limits req/s")
+    assert redis.endswith("| 0.84x | ≥ 0.85x | MISS |")
+    workers = _check_line(
+        text, "keep-alive 32: Garrison --workers 2 with limits (memory) / no limits req/s"
+    )
+    assert workers.endswith("| - | ≥ 0.85x | n/a |")
+
+
+def test_redis_cost_is_the_paired_cpu_difference_and_labelled() -> None:
+    results = _limits_results()
+    # Per repetition: 200-140, 230-150, 260-160 = 60, 80, 100 µs; median 80.
+    assert (
+        report.paired_difference(results, "ka32limredis", "ka32", "garrison-redis", "cpu_us") == 80
+    )
+    lines = "\n".join(report.redis_cost_lines(results))
+    assert "| extra Garrison CPU per request, limits in Redis | 80 µs |" in lines
+    assert "| extra Garrison CPU per request, limits in memory | 20 µs |" in lines
+    assert "| Redis calls per request from Garrison | 1.00 EVALSHA + 1.00 ZREM |" in lines
+    assert "| time inside Redis per EVALSHA | 20.0 µs |" in lines
+    assert "| one EVALSHA round trip, idle | 80.0 µs | synchronous redis-py" in lines
+    summary = report.summary_table(results)
+    assert "| keep-alive 32 + limits (Redis) | req/s | - | 8,400 |" in summary
+    assert "| keep-alive 32 + limits (memory) | req/s | 8,600 | - |" in summary
+    reps = report.per_rep_table(results)
+    assert "| ka32limredis rps | garrison-redis | 8,000 (0.80x) | 8,400 (0.93x) |" in reps
+    # Without the Redis row there is no such section.
+    assert report.redis_cost_lines(_results({("ka32", "garrison"): [1, 1, 1]})) == []
