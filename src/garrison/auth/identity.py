@@ -27,6 +27,7 @@ class Identity:
     # Per-key / per-user limit overrides (None: the route's own).
     rates: tuple[Rate, ...] | None = None
     budget: Budget | None = None
+    limit_keys: dict[int, str] = field(default_factory=dict)  # route index -> counter key
     # Upstream header lines per upstream name, rendered once and reused until the assertion
     # expires (see pipeline/authorise.py).
     headers: dict[str, tuple[bytes, float]] = field(default_factory=dict)

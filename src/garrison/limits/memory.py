@@ -39,7 +39,7 @@ class MemoryBackend:
         updates: list[tuple[str, float]] = []
         info: RateInfo | None = None
         for rate in rates:
-            rate_key = f"{key}|{rate.limit}/{rate.period}"
+            rate_key = key + rate.suffix
             interval = rate.interval
             tat = max(tats.get(rate_key, now), now)
             ahead = tat + interval - now  # where the bucket would stand after this request

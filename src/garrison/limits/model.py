@@ -42,6 +42,10 @@ class Rate:
     limit: int
     period: float
     text: str
+    suffix: str = ""  # "|<limit>/<period>": the part of a counter key that names this rate
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "suffix", f"|{self.limit}/{self.period}")
 
     @classmethod
     def parse(cls, text: str) -> Rate:

@@ -96,7 +96,7 @@ def invalid_token(reason: str) -> Reply:
 
 
 def _accepted(route: CompiledRoute, method: str) -> bool:
-    return any(entry == {method} for entry in route.entries)
+    return method in route.singles
 
 
 def _combine(

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from functools import partial
 
 from garrison.limits.fair import FairGate
 from garrison.limits.model import Backend, Budget, Decision, Rate, RateInfo
@@ -68,12 +69,24 @@ def who(ex: Exchange) -> str:
     return f"user:{ident.name}"
 
 
+def _counter_key(ex: Exchange, index: int) -> str:
+    """`<route>|<who>`, kept on the (cached) identity so it is built once, not per request."""
+    ident = ex.identity
+    if ident is None:
+        return f"{index}|ip:{ex.client_ip or ex.peer_ip}"
+    keys = ident.limit_keys
+    found = keys.get(index)
+    if found is None:
+        found = keys[index] = f"{index}|{who(ex)}"
+    return found
+
+
 def rate_headers(info: RateInfo | None) -> Headers:
     if info is None:
         return []
-    limit = str(info.limit).encode()
-    remaining = str(max(0, info.remaining)).encode()
-    reset = str(max(0, int(info.reset + 0.999))).encode()
+    limit = b"%d" % info.limit
+    remaining = b"%d" % max(0, info.remaining)
+    reset = b"%d" % max(0, int(info.reset + 0.999))
     return [
         (b"ratelimit-limit", limit),
         (b"ratelimit-remaining", remaining),
@@ -138,7 +151,7 @@ class Limits(Stage):
         if ident is not None:
             rates = ident.rates if ident.rates is not None else rates
             budget = ident.budget if ident.budget is not None else budget
-        key = f"{route.index}|{who(ex)}"
+        key = _counter_key(ex, route.index)
         decision = self.backend.admit(key, rates, limits.concurrency, budget, time.time())
         if isinstance(decision, Decision) and decision.allowed and budget is None:
             self._admitted(ex, key, decision)
@@ -149,9 +162,7 @@ class Limits(Stage):
 
     def _admitted(self, ex: Exchange, key: str, decision: Decision) -> None:
         if decision.lease is not None:
-            lease = decision.lease
-            backend = self.backend
-            ex.finally_(lambda: backend.release(key, lease))
+            ex.finally_(partial(self.backend.release, key, decision.lease))
         if decision.info is not None:
             ex.response_headers.extend(rate_headers(decision.info))
 

@@ -48,6 +48,7 @@ class CompiledRoute:
     # `auth` entries as sets of methods ("client_cert+session" -> both), and every method named.
     entries: tuple[frozenset[str], ...] = field(init=False, repr=False, compare=False, default=())
     methods: frozenset[str] = field(init=False, repr=False, compare=False, default=frozenset())
+    singles: frozenset[str] = field(init=False, repr=False, compare=False, default=frozenset())
 
     def __post_init__(self) -> None:
         # Fold here rather than in the caller so that no CompiledRoute holds raw deny prefixes.
@@ -60,6 +61,8 @@ class CompiledRoute:
         entries = tuple(frozenset(entry.split("+")) for entry in sorted(self.auth, key=len))
         object.__setattr__(self, "entries", entries)
         object.__setattr__(self, "methods", frozenset().union(*entries) if entries else frozenset())
+        singles = frozenset(next(iter(e)) for e in entries if len(e) == 1)
+        object.__setattr__(self, "singles", singles)
 
     @classmethod
     def from_config(cls, config: RouteConfig, index: int) -> CompiledRoute:
