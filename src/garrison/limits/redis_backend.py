@@ -144,6 +144,9 @@ def _rate_key(rate: Rate) -> str:
     return f"{rate.limit}/{rate.period:g}"
 
 
+RELEASE_BATCH = 0.002  # seconds a released slot may wait to be batched with others
+
+
 class RedisBackend:
     """Rate limits, concurrency slots and token budgets shared through one Redis."""
 
@@ -182,6 +185,8 @@ class RedisBackend:
         # requests queue here, FIFO, instead of opening one connection per request.
         self._slots = asyncio.Semaphore(self.MAX_CONNECTIONS)
         self._fast = FastRedis(url, timeout=0.5)
+        self._releases: dict[str, list[str]] = {}
+        self._release_scheduled = False
         self._admit_sha = _sha(_ADMIT)
         self._heartbeat_sha = _sha(_HEARTBEAT)
         self._spend_sha = _sha(_SPEND)
@@ -220,6 +225,11 @@ class RedisBackend:
             self._heartbeat_task = None
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._releases:  # slots given back but not yet sent: send them before leaving
+            batches, self._releases = self._releases, {}
+            sent = [self._fast.call("ZREM", k, *v) for k, v in batches.items()]
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(*sent, return_exceptions=True), 1.0)
         self._held.clear()
         await self._fast.close()
         await self._client.aclose()
@@ -279,6 +289,8 @@ class RedisBackend:
         if self._down_until and time.monotonic() < self._down_until:
             self._failed("admit", None)
             return self._backend_decision()
+        if self._releases:
+            self._flush_releases()  # sent first on the same connection: Redis sees them first
         try:
             res = await self._admit_call(args)
         except (TimeoutError, RedisError, RespError, OSError) as exc:
@@ -346,11 +358,28 @@ class RedisBackend:
         zkey = self._held.pop(lease, None)
         if zkey is None or self._closed:
             return
-        try:
-            future = self._fast.call("ZREM", zkey, lease)  # pipelined: no task, no pool
-        except RuntimeError:  # no running loop (shutting down): the lease expires by itself
-            return
-        future.add_done_callback(self._release_done)
+        batch = self._releases.get(zkey)
+        if batch is None:
+            self._releases[zkey] = [lease]
+        else:
+            batch.append(lease)
+        if not self._release_scheduled:
+            try:
+                asyncio.get_running_loop().call_later(RELEASE_BATCH, self._flush_releases)
+            except RuntimeError:  # no running loop (shutting down): the leases expire
+                self._releases.clear()
+                return
+            self._release_scheduled = True
+
+    def _flush_releases(self) -> None:
+        """One ZREM per identity for every slot given back in the last RELEASE_BATCH seconds
+        (or before the next admit, which then sees them freed): under load many requests of
+        one identity end together, and one command frees all."""
+        self._release_scheduled = False  # a pending timer finding nothing to send is harmless
+        batches, self._releases = self._releases, {}
+        for zkey, leases in batches.items():
+            future = self._fast.call("ZREM", zkey, *leases)  # pipelined: no task, no pool
+            future.add_done_callback(self._release_done)
 
     def _release_done(self, future: asyncio.Future[Any]) -> None:
         exc = None if future.cancelled() else future.exception()
