@@ -123,3 +123,37 @@ def test_redis_outage_open_mode_lets_requests_through(tmp_path: Path, redis: Red
         redis.stop()
         assert [status(gw) for _ in range(8)] == [200] * 8  # more than the limit: open
         assert len(upstream.requests) == 8
+
+
+def test_aborted_streams_leave_no_slot_in_redis(tmp_path: Path, redis: RedisServer) -> None:
+    import redis as redis_py
+
+    from tests.support.gateway import tls_socket
+
+    text = config("http://127.0.0.1:1", redis.url).replace(
+        'rate = ["6/minute"]', 'concurrency = 2\nqueue_timeout = "2s"'
+    )
+    with FakeUpstream() as upstream:
+        text = text.replace("http://127.0.0.1:1", upstream.url)
+        with running_gateway(tmp_path / "gw", text) as gw:
+            for round_ in range(60):
+                socks = []
+                for _ in range(2):
+                    sock = tls_socket(gw, "localhost")
+                    sock.sendall(b"GET /forever HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                    socks.append(sock)
+                if round_ % 2:  # half the rounds: wait for the stream to start, then leave
+                    for sock in socks:
+                        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+                for sock in socks:
+                    sock.close()
+            assert [status(gw) for _ in range(3)] == [200, 200, 200]
+            client = redis_py.Redis.from_url(redis.url)
+            deadline = time.monotonic() + 5
+            held = -1
+            while time.monotonic() < deadline:
+                held = sum(client.zcard(k) for k in client.scan_iter("garrison:lim:*|c"))
+                if held == 0:
+                    break
+                time.sleep(0.05)
+            assert held == 0

@@ -89,8 +89,20 @@ class InFlight:
             return
         if result is None or isinstance(result, Reply):
             self._after_pipeline(result)
+        elif isinstance(result, asyncio.Future):
+            self.task = result  # cancel() cancels it; no Task wraps it
+            result.add_done_callback(self._pipeline_done)
         else:
             self.task = asyncio.ensure_future(self._await_pipeline(result))
+
+    def _pipeline_done(self, future: asyncio.Future[Reply | None]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            self._internal_error(exc)
+            return
+        self._after_pipeline(future.result())
 
     async def _await_pipeline(self, pending: Awaitable[Reply | None]) -> None:
         try:

@@ -26,6 +26,7 @@ import math
 import os
 import time
 from collections.abc import Coroutine
+from functools import partial
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -269,15 +270,20 @@ class RedisBackend:
         plan = self._plans[cache_key] = (keys, [len(keys), *keys, None, *args])
         return plan
 
-    async def admit(
+    def admit(
         self,
         key: str,
         rates: tuple[Rate, ...],
         concurrency: int | None,
         budget: Budget | None,
         now: float,
-    ) -> Decision:
-        """One EVALSHA. `now` is not used: Redis's clock is the one all gateways share."""
+    ) -> asyncio.Future[Decision]:
+        """One EVALSHA. `now` is not used: Redis's clock is the one all gateways share.
+
+        Returns a future completed by callbacks, not a coroutine: on the request path that saves
+        a Task and three coroutine frames per request (see pipeline/limits.py)."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[Decision] = loop.create_future()
         keys, template = self._plan(key, rates, concurrency, budget)
         lease = None
         args = template.copy()
@@ -288,14 +294,43 @@ class RedisBackend:
             args[len(keys) + 1] = ""
         if self._down_until and time.monotonic() < self._down_until:
             self._failed("admit", None)
-            return self._backend_decision()
+            out.set_result(self._backend_decision())
+            return out
         if self._releases:
             self._flush_releases()  # sent first on the same connection: Redis sees them first
-        try:
-            res = await self._admit_call(args)
-        except (TimeoutError, RedisError, RespError, OSError) as exc:
+        call = self._fast.call("EVALSHA", self._admit_sha, *args)
+        call.add_done_callback(
+            partial(self._admitted, out, args, keys, rates, lease, retried=False)
+        )
+        return out
+
+    def _admitted(
+        self,
+        out: asyncio.Future[Decision],
+        args: list[Any],
+        keys: list[str],
+        rates: tuple[Rate, ...],
+        lease: str | None,
+        call: asyncio.Future[Any],
+        retried: bool,
+    ) -> None:
+        if out.done():
+            return
+        exc = None if call.cancelled() else call.exception()
+        if call.cancelled():
+            exc = TimeoutError("cancelled")
+        if isinstance(exc, RespError) and str(exc).startswith("NOSCRIPT") and not retried:
+            # After a Redis restart the script cache is empty: EVAL also reloads it.
+            again = self._fast.call("EVAL", _ADMIT, *args)
+            again.add_done_callback(
+                partial(self._admitted, out, args, keys, rates, lease, retried=True)
+            )
+            return
+        if exc is not None:
             self._failed("admit", exc)
-            return self._backend_decision()
+            out.set_result(self._backend_decision())
+            return
+        res = call.result()
         self._down_until = 0.0
         allowed, hit, wait = res[0], res[1], res[2]
         info = self._info(rates, res, allowed == 1)
@@ -304,10 +339,11 @@ class RedisBackend:
                 text = f"rate {rates[hit - 1].text}"
             else:
                 text = "concurrency" if hit == -1 else "tokens"
-            return Decision(False, hit=text, retry_after=wait / _US, info=info)
+            out.set_result(Decision(False, hit=text, retry_after=wait / _US, info=info))
+            return
         if lease is not None:
             self._held[lease] = keys[len(rates)]
-        return Decision(True, info=info, lease=lease)
+        out.set_result(Decision(True, info=info, lease=lease))
 
     @staticmethod
     def _info(rates: tuple[Rate, ...], res: list[int], consumed: bool) -> RateInfo | None:

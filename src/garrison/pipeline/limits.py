@@ -69,6 +69,17 @@ def who(ex: Exchange) -> str:
     return f"user:{ident.name}"
 
 
+def _copy_result(out: asyncio.Future[Reply | None], task: asyncio.Future[Reply | None]) -> None:
+    if out.done():
+        return
+    if task.cancelled():
+        out.cancel()
+    elif task.exception() is not None:
+        out.set_exception(task.exception())  # type: ignore[arg-type]
+    else:
+        out.set_result(task.result())
+
+
 def _counter_key(ex: Exchange, index: int) -> str:
     """`<route>|<who>`, kept on the (cached) identity so it is built once, not per request."""
     ident = ex.identity
@@ -153,12 +164,54 @@ class Limits(Stage):
             budget = ident.budget if ident.budget is not None else budget
         key = _counter_key(ex, route.index)
         decision = self.backend.admit(key, rates, limits.concurrency, budget, time.time())
-        if isinstance(decision, Decision) and decision.allowed and budget is None:
-            self._admitted(ex, key, decision)
-            if gate is None or gate.try_acquire_for(ex):
-                return None
-            return self._wait_gate(ex, gate, limits.queue_timeout)
+        if isinstance(decision, Decision):
+            if decision.allowed and budget is None:
+                self._admitted(ex, key, decision)
+                if gate is None or gate.try_acquire_for(ex):
+                    return None
+                return self._wait_gate(ex, gate, limits.queue_timeout)
+        elif isinstance(decision, asyncio.Future) and budget is None:
+            # A shared backend answers later: chain by callback (no Task per request) and
+            # fall back to the coroutine only for the rare cases (queueing, refusal, budget).
+            out: asyncio.Future[Reply | None] = asyncio.get_running_loop().create_future()
+            decision.add_done_callback(
+                partial(self._answered, ex, key, limits, rates, budget, gate, out)
+            )
+            return out
         return self._slow(ex, key, decision, limits, rates, budget, gate)
+
+    def _answered(
+        self,
+        ex: Exchange,
+        key: str,
+        limits: RouteLimits,
+        rates: tuple[Rate, ...],
+        budget: Budget | None,
+        gate: FairGate | None,
+        out: asyncio.Future[Reply | None],
+        done: asyncio.Future[Decision],
+    ) -> None:
+        if out.done():  # the request was cancelled meanwhile: give back what was taken
+            if not done.cancelled() and done.exception() is None:
+                lease = done.result().lease
+                if lease is not None:
+                    self.backend.release(key, lease)
+            return
+        if done.cancelled() or done.exception() is not None:
+            exc = None if done.cancelled() else done.exception()
+            out.set_exception(exc or asyncio.CancelledError())
+            return
+        decision = done.result()
+        if not decision.allowed:  # refusal or queueing: the coroutine path
+            task = asyncio.ensure_future(self._slow(ex, key, decision, limits, rates, budget, gate))
+            task.add_done_callback(partial(_copy_result, out))
+            return
+        self._admitted(ex, key, decision)
+        if gate is None or gate.try_acquire_for(ex):
+            out.set_result(None)
+            return
+        task = asyncio.ensure_future(self._wait_gate(ex, gate, limits.queue_timeout))
+        task.add_done_callback(partial(_copy_result, out))
 
     def _admitted(self, ex: Exchange, key: str, decision: Decision) -> None:
         if decision.lease is not None:

@@ -7,7 +7,9 @@ a coroutine or a Task; only a stage that must wait pays for it (see docs/decisio
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 
 from garrison.pipeline.exchange import Exchange, Reply
 
@@ -38,6 +40,11 @@ class Pipeline:
             if isinstance(result, Reply):
                 ex.stage = _name(stage)
                 return result
+            if index == len(self.stages) - 1 and isinstance(result, asyncio.Future):
+                # The last stage answers later with a future (limits in Redis): hand it over
+                # as is, so the connection waits on it without a Task.
+                result.add_done_callback(partial(_name_stage, ex, _name(stage)))
+                return result
             return self._run_async(ex, result, index)
         return None
 
@@ -56,6 +63,11 @@ class Pipeline:
                 ex.stage = _name(stage)
                 return step
         return None
+
+
+def _name_stage(ex: Exchange, name: str, future: asyncio.Future[Reply | None]) -> None:
+    if not future.cancelled() and future.exception() is None and future.result() is not None:
+        ex.stage = name
 
 
 def _name(stage: object) -> str:
