@@ -18,7 +18,7 @@ PRUNE_EVERY = 10_000
 class MemoryBackend:
     def __init__(self) -> None:
         self._tats: dict[str, float] = {}
-        self._slots: dict[str, set[str]] = {}
+        self._slots: dict[str, set[int]] = {}
         self._tokens: dict[str, tuple[int, float]] = {}  # key -> (used, window end)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._ids = itertools.count(1)
@@ -40,8 +40,10 @@ class MemoryBackend:
         info: RateInfo | None = None
         for rate in rates:
             rate_key = key + rate.suffix
-            interval = rate.interval
-            tat = max(tats.get(rate_key, now), now)
+            interval = rate.step
+            tat = tats.get(rate_key, now)
+            if tat < now:
+                tat = now
             ahead = tat + interval - now  # where the bucket would stand after this request
             if ahead > rate.period + 1e-9:
                 retry = ahead - rate.period
@@ -64,13 +66,13 @@ class MemoryBackend:
             held = self._slots.setdefault(key, set())
             if len(held) >= concurrency:
                 return Decision(False, "concurrency", 1.0, info)
-            lease = str(next(self._ids))
+            lease = next(self._ids)
             held.add(lease)
         for rate_key, tat in updates:
             tats[rate_key] = tat
         return Decision(True, "", 0.0, info, lease)
 
-    def release(self, key: str, lease: str) -> None:
+    def release(self, key: str, lease: object) -> None:
         held = self._slots.get(key)
         if held is None or lease not in held:
             return

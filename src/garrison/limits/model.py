@@ -43,9 +43,11 @@ class Rate:
     period: float
     text: str
     suffix: str = ""  # "|<limit>/<period>": the part of a counter key that names this rate
+    step: float = 0.0  # period / limit, precomputed (the hot path reads it on every request)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "suffix", f"|{self.limit}/{self.period}")
+        object.__setattr__(self, "step", self.period / self.limit)
 
     @classmethod
     def parse(cls, text: str) -> Rate:
@@ -86,7 +88,7 @@ class Decision:
     hit: str = ""  # which limit refused: "rate 10/minute", "concurrency", "tokens", "backend"
     retry_after: float = 0.0
     info: RateInfo | None = None
-    lease: str | None = None  # the concurrency slot taken; give it back with `release`
+    lease: object = None  # the concurrency slot taken (opaque); give it back with `release`
 
 
 ALLOW = Decision(True)
@@ -104,7 +106,7 @@ class Backend(Protocol):
         now: float,
     ) -> Decision | Awaitable[Decision]: ...
 
-    def release(self, key: str, lease: str) -> None:
+    def release(self, key: str, lease: object) -> None:
         """Give a concurrency slot back (idempotent; never raises)."""
 
     def spend(self, key: str, budget: Budget, tokens: int, now: float) -> None:
