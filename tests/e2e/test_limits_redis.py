@@ -7,7 +7,6 @@ comes back by itself when Redis does.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
@@ -17,8 +16,8 @@ import httpx
 import pytest
 
 from tests.e2e.fixtures_core import client_context, running_gateway
-from tests.limits.conftest import REDIS_SERVER, RedisServer
 from tests.support.gateway import GatewayProcess
+from tests.support.redis import RedisServer, redis_server_or_skip
 from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.e2e
@@ -26,13 +25,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    if REDIS_SERVER is None:
-        reason = "redis-server not installed (make sysdeps)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    server = RedisServer(REDIS_SERVER, tmp_path)
-    server.start()
+    server = redis_server_or_skip(tmp_path)
     try:
         yield server
     finally:

@@ -128,17 +128,12 @@ def _check_scopes(scopes: Iterable[str]) -> list[str]:
 
 
 def _check_limits(rate: Iterable[str] | None, tokens: str | None) -> list[str] | None:
-    from garrison.limits.model import Budget, Rate
+    from garrison.limits.model import check_overrides
 
-    rates = list(rate) if rate else None
     try:
-        for text in rates or ():
-            Rate.parse(text)
-        if tokens is not None:
-            Budget.parse(tokens)
+        return check_overrides(rate, tokens)
     except ValueError as exc:
         raise ApiKeyError(str(exc)) from None
-    return rates
 
 
 class ApiKeys:

@@ -214,14 +214,10 @@ class Users:
 
     def set_limits(self, name: str, rate: Iterable[str] | None, tokens: str | None) -> None:
         """Per-user limit overrides (None: the route's own)."""
-        from garrison.limits.model import Budget, Rate
+        from garrison.limits.model import check_overrides
 
-        rates = list(rate) if rate else None
         try:
-            for text in rates or ():
-                Rate.parse(text)
-            if tokens is not None:
-                Budget.parse(tokens)
+            rates = check_overrides(rate, tokens)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         self._update(name, rate=rates, tokens=tokens)

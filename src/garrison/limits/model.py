@@ -73,6 +73,16 @@ class Budget:
         return cls(int(amount), period, str(text).strip())
 
 
+def check_overrides(rate: object, tokens: str | None) -> list[str] | None:
+    """Validate per-key / per-user overrides (rate texts, budget text); ValueError if bad."""
+    rates = [str(r) for r in rate] if rate else None  # type: ignore[attr-defined]
+    for text in rates or ():
+        Rate.parse(text)
+    if tokens is not None:
+        Budget.parse(tokens)
+    return rates
+
+
 @dataclass(slots=True)
 class RateInfo:
     """For the RateLimit-* headers: the most restrictive rate after this request."""
