@@ -74,12 +74,21 @@ class MemoryTransport:
 AUTH_METHODS = {"none": "none", "key": "api_key", "jwt": "jwt"}
 
 
-async def measure(count: int, profile: bool, auth: str = "none") -> float:
-    """CPU µs per request through a route with `auth = [AUTH_METHODS[auth]]`; with "key" or
-    "jwt" every request carries `Authorization: Bearer` (the identity cached beforehand, as
-    after the first request of a keep-alive run)."""
+# `--limits`: what the route limits, as the bench's /lim/ route does (far above what is sent).
+LIMITS = {
+    "none": {},
+    "rate": {"rate": ["100000000/minute"]},
+    "concurrency": {"concurrency": 1000},
+    "both": {"rate": ["100000000/minute"], "concurrency": 1000},
+}
+
+
+async def measure(count: int, profile: bool, auth: str = "none", limits: str = "none") -> float:
+    """CPU µs per request through a route with `auth = [AUTH_METHODS[auth]]` and LIMITS[limits];
+    with "key" or "jwt" every request carries `Authorization: Bearer` (the identity cached
+    beforehand, as after the first request of a keep-alive run)."""
     with tempfile.TemporaryDirectory(prefix="garrison-micro-") as data_dir:
-        return await _measure(count, profile, Path(data_dir), auth)
+        return await _measure(count, profile, Path(data_dir), auth, limits)
 
 
 async def _identity(found: Identity | Awaitable[Identity]) -> Identity:
@@ -87,12 +96,13 @@ async def _identity(found: Identity | Awaitable[Identity]) -> Identity:
     return found if isinstance(found, Identity) else await found
 
 
-async def _measure(count: int, profile: bool, data_dir: Path, auth: str) -> float:
+async def _measure(count: int, profile: bool, data_dir: Path, auth: str, limits: str) -> float:
+    route = {"path": "/", "upstream": "default", "auth": [AUTH_METHODS[auth]], **LIMITS[limits]}
     config = config_mod.validate(
         {
             "server": {"listen": "127.0.0.1:0"},
             "upstream": [{"name": "default", "url": "http://127.0.0.1:9"}],
-            "route": [{"path": "/", "upstream": "default", "auth": [AUTH_METHODS[auth]]}],
+            "route": [route],
         }
     )
     engine = open_store(default_url(data_dir))
@@ -155,9 +165,15 @@ def main() -> None:
     parser.add_argument(
         "--auth", choices=sorted(AUTH_METHODS), default="none", help="the route's auth method"
     )
+    parser.add_argument(
+        "--limits", choices=sorted(LIMITS), default="none", help="what the route limits"
+    )
     args = parser.parse_args()
-    per_request = uvloop.run(measure(args.count, args.profile, args.auth))
-    print(f"{per_request:.1f} µs CPU per request (Python side, no I/O, auth {args.auth})")
+    per_request = uvloop.run(measure(args.count, args.profile, args.auth, args.limits))
+    print(
+        f"{per_request:.1f} µs CPU per request (Python side, no I/O, auth {args.auth}, "
+        f"limits {args.limits})"
+    )
 
 
 if __name__ == "__main__":

@@ -293,8 +293,11 @@ class DownstreamProtocol(asyncio.Protocol):
     def write_paused(self) -> bool:
         return self._write_paused
 
-    def send_reply(self, reply: Reply, close: bool, head_only: bool = False) -> None:
-        self.write(wire.reply_bytes(reply, self.state.runtime.security_headers, close, head_only))
+    def send_reply(
+        self, reply: Reply, close: bool, head_only: bool = False, extra: bytes = b""
+    ) -> None:
+        security = self.state.runtime.security_headers
+        self.write(wire.reply_bytes(reply, security, close, head_only, extra))
         if close:
             self.close()
 

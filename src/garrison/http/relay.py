@@ -290,8 +290,6 @@ class InFlight:
             return
         if self.upgrade is not None:
             self._close_after = True
-        if ex.response_headers:
-            headers = headers + ex.response_headers
         observer = ex.response_observer
         if observer is not None:
             self._observer = observer
@@ -314,7 +312,11 @@ class InFlight:
             framing = b""
             self._close_after = True  # HTTP/1.0 client: the end of the connection ends the body
         close = self._closing()
-        self.down.write(wire.response_head(status, reason, headers, security, framing, close))
+        self.down.write(
+            wire.response_head(
+                status, reason, headers, security, ex.response_head_extra + framing, close
+            )
+        )
 
     def on_response_body(self, data: bytes) -> None:
         if self._observer is not None:
@@ -437,7 +439,12 @@ class InFlight:
         )
         self.runtime.access_log.reply(self.ex, reply, self.runtime)
         self._run_finish_hooks()
-        self.down.send_reply(reply, close=close, head_only=self.ex.method == "HEAD")
+        self.down.send_reply(
+            reply,
+            close=close,
+            head_only=self.ex.method == "HEAD",
+            extra=self.ex.response_head_extra,
+        )
         if not close:
             self.down.finished(self, False)
 

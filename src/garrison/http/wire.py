@@ -127,8 +127,11 @@ def response_head(
     return b"".join(parts)
 
 
-def reply_bytes(reply: Reply, security: Headers, close: bool, head_only: bool) -> bytes:
-    """A complete response for a Reply produced by the gateway itself."""
+def reply_bytes(
+    reply: Reply, security: Headers, close: bool, head_only: bool, extra: bytes = b""
+) -> bytes:
+    """A complete response for a Reply produced by the gateway itself; `extra`: serialised
+    header lines the stages added for this request (Exchange.response_head_extra)."""
     parts = [
         b"HTTP/1.1 ",
         str(reply.status).encode(),
@@ -144,6 +147,8 @@ def reply_bytes(reply: Reply, security: Headers, close: bool, head_only: bool) -
         parts += [name, b": ", value, b"\r\n"]
     for name, value in security:
         parts += [name, b": ", value, b"\r\n"]
+    if extra:
+        parts.append(extra)
     if close:
         parts.append(b"connection: close\r\n")
     parts.append(b"\r\n")

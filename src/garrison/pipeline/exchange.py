@@ -61,7 +61,10 @@ class Exchange:
     forwarded_prefix: str = ""
     upstream_headers: Headers = field(default_factory=list)
     identity_block: bytes = b""
-    response_headers: Headers = field(default_factory=list)
+    # Header lines (`name: value\r\n`, already serialised) for whatever the client gets: the
+    # proxied response or the gateway's own reply (rate limit state, CORS). Bytes, not a list
+    # of pairs: one concatenation per stage instead of tuples walked again at write time.
+    response_head_extra: bytes = b""
     started: float = 0.0
     stage: str = ""
     identity: Identity | None = None

@@ -20,7 +20,7 @@ from garrison.limits.fair import FairGate
 from garrison.limits.model import Backend, Budget, Decision, Rate, RateInfo
 from garrison.limits.usage import UsageObserver, prepare_request
 from garrison.observe import metrics
-from garrison.pipeline.exchange import BodyTooLarge, Exchange, Headers, Reply, error_reply
+from garrison.pipeline.exchange import BodyTooLarge, Exchange, Reply, error_reply
 from garrison.pipeline.pipeline import Stage, StageResult
 
 log = logging.getLogger("garrison.limits")
@@ -92,19 +92,20 @@ def _counter_key(ex: Exchange, index: int) -> str:
     return found
 
 
-def rate_headers(info: RateInfo | None) -> Headers:
+RATE_HEADERS = (
+    b"ratelimit-limit: %d\r\nratelimit-remaining: %d\r\nratelimit-reset: %d\r\n"
+    b"x-ratelimit-limit: %d\r\nx-ratelimit-remaining: %d\r\n"
+)
+
+
+def rate_headers(info: RateInfo | None) -> bytes:
+    """RateLimit-Limit/-Remaining/-Reset (IETF draft) and the seed's X-RateLimit-Limit/
+    -Remaining, as serialised header lines (one formatting per request)."""
     if info is None:
-        return []
-    limit = b"%d" % info.limit
-    remaining = b"%d" % max(0, info.remaining)
-    reset = b"%d" % max(0, int(info.reset + 0.999))
-    return [
-        (b"ratelimit-limit", limit),
-        (b"ratelimit-remaining", remaining),
-        (b"ratelimit-reset", reset),
-        (b"x-ratelimit-limit", limit),
-        (b"x-ratelimit-remaining", remaining),
-    ]
+        return b""
+    remaining = info.remaining if info.remaining > 0 else 0
+    reset = int(info.reset + 0.999) if info.reset > 0 else 0
+    return RATE_HEADERS % (info.limit, remaining, reset, info.limit, remaining)
 
 
 def refusal(decision: Decision, ex: Exchange) -> Reply:
@@ -129,7 +130,7 @@ def refusal(decision: Decision, ex: Exchange) -> Reply:
             {"error": {"code": code, "message": message, "limit": hit, "retry_after": retry}},
         )
     reply.headers.append((b"retry-after", str(retry).encode()))
-    reply.headers.extend(rate_headers(decision.info))
+    ex.response_head_extra += rate_headers(decision.info)
     return reply
 
 
@@ -217,7 +218,7 @@ class Limits(Stage):
         if decision.lease is not None:
             ex.finally_(partial(self.backend.release, key, decision.lease))
         if decision.info is not None:
-            ex.response_headers.extend(rate_headers(decision.info))
+            ex.response_head_extra += rate_headers(decision.info)
 
     async def _slow(
         self,
