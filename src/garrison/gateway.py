@@ -19,6 +19,8 @@ from pathlib import Path
 import platformdirs
 
 from garrison import config as config_mod
+from garrison.acme.manager import AcmeManager
+from garrison.acme.renewer import attempt, renew_forever
 from garrison.auth.service import AuthService
 from garrison.config import Config, LimitsConfig, parse_hostport
 from garrison.fsutil import ensure_private_dir
@@ -30,6 +32,7 @@ from garrison.observe.accesslog import AccessLog
 from garrison.pki.ca import CertificateAuthority, read_passphrase_file
 from garrison.pki.client_certs import ClientCerts
 from garrison.pki.handshake_trace import HandshakeTracer
+from garrison.pki.live_cert import LiveCertificate
 from garrison.pki.server_cert import ServerCertificate, ensure_server_certificate
 from garrison.pki.tls import TLSConfigError, reload_context, server_context
 from garrison.runtime import Runtime, build_runtime
@@ -40,6 +43,7 @@ log = logging.getLogger("garrison")
 POOL_SWEEP_SECONDS = 15.0
 POOL_MAX_IDLE_AGE = 60.0
 CERT_CHECK_SECONDS = 3600.0
+CERT_WATCH_SECONDS = 2.0  # [tls] acme/files: how soon a changed certificate file is served
 
 
 @dataclass(frozen=True)
@@ -135,15 +139,33 @@ class Gateway:
         self.auth: AuthService | None = None
         self.limits_backend: Backend = MemoryBackend()
         self.gates: dict[str, FairGate] = {}
+        self.acme: AcmeManager | None = None
+        self.live_cert: LiveCertificate | None = None
 
     async def start(self, https_sock: socket.socket, redirect_sock: socket.socket | None) -> None:
         self.ca, self.server_cert = prepare_certificates(self.data_dir, self.config)
+        self.https_port = https_sock.getsockname()[1]
+        tls = self.config.tls
+        if tls.source == "acme":
+            self.acme = AcmeManager(self.data_dir, tls.acme)
+            # HTTP-01 needs the plain-HTTP listener before the first order is placed.
+            if redirect_sock is not None:
+                self.servers.append(
+                    await serve_redirect(
+                        redirect_sock, lambda: self.https_port, self.acme.challenges
+                    )
+                )
+                redirect_sock = None
+            if self.acme.usable() is None:
+                await attempt(self.acme, source="issuance")
+        cert_path, key_path = self._wanted_pair()
         self.ssl_context = server_context(
             self.config.server.tls_profile,
-            self.server_cert.cert_path,
-            self.server_cert.key_path,
+            cert_path,
+            key_path,
             client_ca=self._client_ca(self.config),
         )
+        self.live_cert = LiveCertificate(self.ssl_context, cert_path, key_path)
         if self.config.client_certs.mode != "off":
             HandshakeTracer(self.access_log.audit).install(self.ssl_context)
         self._loaded_pem = self.server_cert.cert_path.read_bytes()
@@ -153,7 +175,6 @@ class Gateway:
         await self.auth.start()
         self.limits_backend = await open_limits_backend(self.config.limits)
         self.state = ServerState(self._build_runtime(self.config))
-        self.https_port = https_sock.getsockname()[1]
         self.servers.append(await serve_https(https_sock, self.ssl_context, self.state))
         if redirect_sock is not None:
             self.servers.append(await serve_redirect(redirect_sock, lambda: self.https_port))
@@ -163,6 +184,40 @@ class Gateway:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
         self._tasks.append(asyncio.ensure_future(self._periodic()))
+        if tls.source != "internal":
+            self._tasks.append(asyncio.ensure_future(self._watch_certificate()))
+        if self.acme is not None:
+            self._tasks.append(asyncio.ensure_future(renew_forever(self.acme, self._swap)))
+
+    def _wanted_pair(self) -> tuple[Path, Path]:
+        """The pair to serve: the ACME certificate once there is a usable one (the internal
+        one until then, so the gateway is up while issuance retries), or [tls.files]."""
+        tls = self.config.tls
+        if tls.source == "files":
+            assert tls.files.cert is not None and tls.files.key is not None
+            return tls.files.cert, tls.files.key
+        if self.acme is not None and self.acme.usable() is not None:
+            return self.acme.live.chain_path, self.acme.live.key_path
+        assert self.server_cert is not None
+        return self.server_cert.cert_path, self.server_cert.key_path
+
+    def _swap(self) -> None:
+        """Serve the wanted pair if it is not the one loaded, or if its files changed."""
+        if self.live_cert is None:
+            return
+        cert_path, key_path = self._wanted_pair()
+        try:
+            if (cert_path, key_path) != (self.live_cert.cert_path, self.live_cert.key_path):
+                self.live_cert.use(cert_path, key_path)
+            else:
+                self.live_cert.reload_if_changed()
+        except (TLSConfigError, OSError, ValueError) as exc:
+            log.error("new server certificate refused, the current one keeps serving: %s", exc)
+
+    async def _watch_certificate(self) -> None:
+        while True:
+            await asyncio.sleep(CERT_WATCH_SECONDS)
+            self._swap()
 
     def _client_ca(self, config: Config) -> Path | None:
         """The CA bundle client certificates must chain to, or None without mutual TLS."""
@@ -210,6 +265,9 @@ class Gateway:
         if config.client_certs != self.config.client_certs:
             log.warning("[client_certs] changed: restart garrison to apply it")
             config = config.model_copy(update={"client_certs": self.config.client_certs})
+        if config.tls != self.config.tls:
+            log.warning("[tls] changed: restart garrison to apply it")
+            config = config.model_copy(update={"tls": self.config.tls})
         try:
             self._refresh_certificate(config)
         except (TLSConfigError, OSError, ValueError) as exc:
@@ -235,7 +293,10 @@ class Gateway:
         # Compare the file itself: another worker may have reissued it with the same names
         # and the same expiry second.
         pem = cert.cert_path.read_bytes()
-        if self.server_cert is None or cert.reissued or pem != self._loaded_pem:
+        serving_internal = self.live_cert is None or self.live_cert.cert_path == cert.cert_path
+        if serving_internal and (
+            self.server_cert is None or cert.reissued or pem != self._loaded_pem
+        ):
             self._loaded_pem = pem
             reload_context(self.ssl_context, cert.cert_path, cert.key_path)
             log.info(

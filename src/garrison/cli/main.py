@@ -7,6 +7,7 @@ import sys
 import click
 
 from garrison import __version__
+from garrison.cli.acme import acme
 from garrison.cli.ca import ca
 from garrison.cli.cert import cert
 from garrison.cli.key import key
@@ -28,6 +29,7 @@ cli.add_command(user)
 cli.add_command(key)
 cli.add_command(cert)
 cli.add_command(limits)
+cli.add_command(acme)
 
 
 def main() -> None:

@@ -11,9 +11,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from garrison.auth.bootstrap import ensure_admin
 from garrison.auth.users import UserError
 from garrison.cli.options import config_option, data_dir_option
-from garrison.config import ConfigError
+from garrison.config import Config, ConfigError
 from garrison.gateway import UpOptions, prepare_certificates, resolve_data_dir
 from garrison.pki.ca import CAError
+from garrison.pki.server_cert import ServerCertificate
+from garrison.pki.tls import TLSConfigError, server_context
 from garrison.process import configure_logging, run, say
 
 PLACEHOLDER_UPSTREAM = "http://127.0.0.1:9"
@@ -104,9 +106,7 @@ def up(
             click.echo(f"garrison: cannot prepare the user store: {exc}", err=True)
             sys.exit(1)
         say(f"CA certificate (trust this): {ca.cert_path}")
-        say(
-            f"server certificate for {', '.join(cert.names)}, valid until {cert.not_after:%Y-%m-%d}"
-        )
+        _announce_certificate(config, cert)
         for route in config.route:
             target = config.upstream_by_name(route.upstream).url
             access = "public" if route.public else "auth " + "|".join(route.auth)
@@ -122,6 +122,28 @@ def up(
         if demo_process is not None:
             demo_process.stop()
     sys.exit(code)
+
+
+def _announce_certificate(config: Config, cert: ServerCertificate) -> None:
+    """Say which certificate will be served; a bad [tls.files] pair stops here, clearly."""
+    tls = config.tls
+    if tls.source == "acme":
+        say(
+            f"ACME certificate for {', '.join(tls.acme.names)} from {tls.acme.directory} "
+            f"(HTTP-01 on {config.server.http_listen}; obtained at start when none is valid)"
+        )
+    elif tls.source == "files":
+        assert tls.files.cert is not None and tls.files.key is not None
+        try:
+            server_context(config.server.tls_profile, tls.files.cert, tls.files.key)
+        except TLSConfigError as exc:
+            click.echo(f"garrison: [tls.files]: {exc}", err=True)
+            sys.exit(1)
+        say(f"server certificate from {tls.files.cert} (reloaded when the file changes)")
+    else:
+        say(
+            f"server certificate for {', '.join(cert.names)}, valid until {cert.not_after:%Y-%m-%d}"
+        )
 
 
 def _first_admin(directory: Path, password_file: Path | None) -> None:

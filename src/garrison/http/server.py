@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import httptools
 
+from garrison.acme.challenges import PREFIX as ACME_PREFIX
+from garrison.acme.challenges import ChallengeStore
 from garrison.http import wire
 from garrison.http.downstream import DownstreamProtocol
 from garrison.pipeline.exchange import Reply
@@ -74,11 +76,15 @@ async def serve_https(
 class RedirectProtocol(asyncio.Protocol):
     """Plain HTTP: every request gets a 301 to the same host and path on HTTPS, then close.
 
-    ACME HTTP-01 challenges will be answered here too (a later issue).
+    Except ACME HTTP-01: /.well-known/acme-challenge/<token> is answered here, before any
+    redirect or auth (RFC 8555 §8.3: the CA fetches it over plain HTTP, on port 80).
     """
 
-    def __init__(self, https_port: Callable[[], int]) -> None:
+    def __init__(
+        self, https_port: Callable[[], int], challenges: ChallengeStore | None = None
+    ) -> None:
         self.https_port = https_port
+        self.challenges = challenges
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
@@ -109,6 +115,13 @@ class RedirectProtocol(asyncio.Protocol):
             self.host = value
 
     def on_message_complete(self) -> None:
+        if self.challenges is not None and self.url.startswith(ACME_PREFIX.encode()):
+            answer = self.challenges.answer(self.url)
+            if answer is None:
+                self._send(Reply(404, b"unknown ACME challenge\n", b"text/plain"))
+            else:
+                self._send(Reply(200, answer, b"application/octet-stream"))
+            return
         host = _host_without_port(self.host)
         if host is None or not self.url.startswith(b"/"):
             self._send(
@@ -142,10 +155,14 @@ def _host_without_port(host: bytes) -> bytes | None:
 
 
 async def serve_redirect(
-    sock: socket.socket, https_port: Callable[[], int]
+    sock: socket.socket,
+    https_port: Callable[[], int],
+    challenges: ChallengeStore | None = None,
 ) -> asyncio.AbstractServer:
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: RedirectProtocol(https_port), sock=sock, backlog=1024)
+    return await loop.create_server(
+        lambda: RedirectProtocol(https_port, challenges), sock=sock, backlog=1024
+    )
 
 
 async def drain(state: ServerState, grace: float) -> bool:

@@ -72,3 +72,16 @@ def track_limits(backend: object, gates: dict[str, Any]) -> None:
     for name, gate in gates.items():
         upstream_in_flight.labels(upstream=name).set_function(lambda g=gate: g.in_flight)
         upstream_queued.labels(upstream=name).set_function(lambda g=gate: g.queued)
+
+acme_attempts = Counter(
+    "garrison_acme_attempts",
+    "ACME issuance/renewal attempts by result (success, failure).",
+    ["result"],
+    registry=REGISTRY,
+)
+acme_failures = Counter(
+    "garrison_acme_failures",
+    "Failed ACME attempts by reason (connection, validation, account, timeout, acme).",
+    ["reason"],
+    registry=REGISTRY,
+)
