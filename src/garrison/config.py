@@ -210,6 +210,135 @@ class LimitsConfig(_Model):
         return value
 
 
+_ORIGIN = re.compile(
+    r"(?P<scheme>https?)://(?P<host>\[[0-9a-f:.]+\]|[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?)"
+    r"(?::(?P<port>\d{1,5}))?/?"
+)
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: a header or method name
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def normalise_origin(value: str) -> str:
+    """``scheme://host[:port]`` as browsers serialise an Origin: lower case, no default port,
+    no trailing slash. Anything else (a path, a pattern, ``null``) is refused, because the
+    Origin header is compared byte for byte and a value browsers never send would never match.
+    """
+    text = value.strip()
+    if text == "null":
+        raise ValueError(
+            '"null" is the origin of sandboxed frames, file:// pages and redirects: '
+            "any site can produce it, so it cannot be allowed"
+        )
+    if "*" in text:
+        raise ValueError(
+            f'{value!r}: patterns are not supported; list each origin, or use "*" alone'
+        )
+    match = _ORIGIN.fullmatch(text.lower())
+    if not match:
+        raise ValueError(
+            f"{value!r} is not an origin: use scheme://host[:port] with http or https, "
+            'e.g. "https://app.example.com" (no path; IDN hosts in punycode)'
+        )
+    scheme, host, port = match.group("scheme"), match.group("host"), match.group("port")
+    if port is not None:
+        number = int(port)
+        if not 0 < number <= 65535:
+            raise ValueError(f"{value!r}: port {number} out of range 1-65535")
+        if number != (443 if scheme == "https" else 80):
+            return f"{scheme}://{host}:{number}"
+    return f"{scheme}://{host}"
+
+
+def _header_names(value: list[str], what: str) -> list[str]:
+    names: list[str] = []
+    for name in value:
+        if name == "*":
+            raise ValueError(
+                f'"*" is not accepted: list the {what} explicitly (with credentials a browser '
+                'reads "*" as a literal name, and a wildcard is not "strict CORS")'
+            )
+        if not _TOKEN.fullmatch(name):
+            raise ValueError(f"{name!r} is not a valid header name")
+        if name.lower() not in (n.lower() for n in names):
+            names.append(name)
+    return names
+
+
+class CorsConfig(_Model):
+    """[cors] (or a route's own [route.cors]): which other web origins' scripts may read
+    responses. No origins (the default) means no CORS headers at all: browsers then keep
+    cross-origin pages from reading anything, which is the safe default."""
+
+    allow_origins: list[str] = Field(default_factory=list)
+    allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST"])
+    allow_headers: list[str] = Field(default_factory=lambda: ["Authorization", "Content-Type"])
+    expose_headers: list[str] = Field(default_factory=list)
+    allow_credentials: bool = False
+    max_age: Duration = 600.0
+
+    @field_validator("allow_origins", mode="before")
+    @classmethod
+    def _origin_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        if "*" in (v.strip() for v in value):
+            if len(value) > 1:
+                raise ValueError('"*" already allows every origin; give it alone or not at all')
+            return ["*"]
+        return list(dict.fromkeys(normalise_origin(v) for v in value))
+
+    @field_validator("allow_methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        methods: list[str] = []
+        for method in value:
+            if method == "*":
+                raise ValueError('"*" is not accepted: list the methods, e.g. ["GET", "POST"]')
+            if not _TOKEN.fullmatch(method):
+                raise ValueError(f"{method!r} is not a valid method name")
+            if method.upper() in ("CONNECT", "TRACE", "TRACK"):
+                raise ValueError(f"{method.upper()} cannot be allowed (browsers forbid it)")
+            if method.upper() not in methods:
+                methods.append(method.upper())
+        return methods
+
+    @field_validator("allow_headers")
+    @classmethod
+    def _allow_headers(cls, value: list[str]) -> list[str]:
+        return _header_names(value, "request headers")
+
+    @field_validator("expose_headers")
+    @classmethod
+    def _expose_headers(cls, value: list[str]) -> list[str]:
+        return _header_names(value, "response headers to expose")
+
+    @field_validator("max_age")
+    @classmethod
+    def _max_age(cls, value: float) -> float:
+        if value > 86400:
+            raise ValueError("at most 1d (browsers cap it: Firefox at 24 h, Chromium at 2 h)")
+        return value
+
+    def model_post_init(self, _context: Any) -> None:
+        if not self.allow_credentials:
+            return
+        if self.allow_origins == ["*"]:
+            raise ValueError(
+                'allow_credentials = true cannot go with allow_origins = ["*"]: every site '
+                "could read your users' responses; list the origins that may"
+            )
+        for origin in self.allow_origins:
+            if origin.startswith("http://") and urlsplit(origin).hostname not in _LOOPBACK:
+                raise ValueError(
+                    f"{origin!r}: with allow_credentials an http:// origin (other than "
+                    "localhost) is refused: anyone on its network could inject a script "
+                    "there and read your users' responses; use https://"
+                )
+
+
 class UpstreamConfig(_Model):
     name: str
     url: str
@@ -403,6 +532,20 @@ class RouteConfig(_Model):
     concurrency: int | None = Field(default=None, ge=1)
     tokens: BudgetText | None = None
     queue_timeout: Duration = 0.0
+    # Omitted: the global [cors]. false: no CORS on this route. A table: replaces [cors] here.
+    cors: CorsConfig | Literal[False] | None = None
+    # Keep the upstream's own Access-Control-* response headers (stripped by default).
+    cors_passthrough: bool = False
+
+    @field_validator("cors", mode="before")
+    @classmethod
+    def _cors(cls, value: Any) -> Any:
+        if value is True:
+            raise ValueError(
+                "cors on a route is false (off) or a table replacing [cors]; "
+                "leave it out to use [cors]"
+            )
+        return value
 
     @field_validator("rate", mode="before")
     @classmethod
@@ -560,12 +703,20 @@ class Config(_Model):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     client_certs: ClientCertsConfig = Field(default_factory=ClientCertsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    cors: CorsConfig = Field(default_factory=CorsConfig)
     upstream: list[UpstreamConfig] = Field(default_factory=list)
     route: list[RouteConfig] = Field(default_factory=list)
     tls: TlsConfig = Field(default_factory=TlsConfig)
 
     def upstream_by_name(self, name: str) -> UpstreamConfig:
         return next(u for u in self.upstream if u.name == name)
+
+    def route_cors(self, route: RouteConfig) -> CorsConfig | None:
+        """The CORS policy of one route (its own table, else [cors]); None when it has none."""
+        policy = self.cors if route.cors is None else route.cors
+        if policy is False or not policy.allow_origins:
+            return None
+        return policy
 
 
 class ConfigError(Exception):
@@ -640,6 +791,13 @@ def validate(data: dict[str, Any]) -> Config:
                 problems.append(
                     f"route.{index}.auth: client_cert needs [client_certs] mode = "
                     '"optional" or "required"'
+                )
+    if config is not None:
+        for index, route in enumerate(config.route):
+            if route.cors_passthrough and config.route_cors(route) is not None:
+                problems.append(
+                    f"route.{index}.cors_passthrough: Garrison answers CORS on this route; "
+                    "set cors = false on it as well to let the app answer instead"
                 )
     if config is not None and config.tls.source == "acme" and not config.server.http_listen:
         problems.append(

@@ -19,6 +19,7 @@ from garrison.observe.accesslog import AccessLog
 from garrison.pipeline.auth_endpoints import AuthEndpoints
 from garrison.pipeline.authorise import Authorise
 from garrison.pipeline.client_cert import ClientCertCheck
+from garrison.pipeline.cors import cors_stage
 from garrison.pipeline.endpoints import GatewayEndpoints
 from garrison.pipeline.exchange import Headers
 from garrison.pipeline.forwarding import Forwarding
@@ -119,6 +120,7 @@ def build_runtime(
             *cert_check,  # before endpoints: "required" covers the login page too
             endpoints,
             RouteMatch(RouteTable(config.route)),
+            *cors_stage(config),  # before identify: preflights carry no credentials
             Identify(auth, auth_endpoints.token),
             Authorise(auth),
             *limits_stage(

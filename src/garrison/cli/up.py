@@ -178,3 +178,7 @@ def check(config_file: Path | None) -> None:
             click.echo(problem, err=True)
         sys.exit(1)
     click.echo("config OK")
+    from garrison.pipeline.cors import describe
+
+    for line in describe(parsed):  # who may read what from another origin: worth a look
+        click.echo(line)

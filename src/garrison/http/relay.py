@@ -312,10 +312,11 @@ class InFlight:
             framing = b""
             self._close_after = True  # HTTP/1.0 client: the end of the connection ends the body
         close = self._closing()
+        route = ex.route  # the upstream's Access-Control-* lines go only where the route says
+        drop = wire.HOP_BY_HOP if route and route.cors_passthrough else wire.HOP_BY_HOP_AND_CORS
+        extra = ex.response_head_extra + framing
         self.down.write(
-            wire.response_head(
-                status, reason, headers, security, ex.response_head_extra + framing, close
-            )
+            wire.response_head(status, reason, headers, security, extra, close, drop=drop)
         )
 
     def on_response_body(self, data: bytes) -> None:

@@ -29,6 +29,22 @@ HOP_BY_HOP = frozenset(
     }
 )
 
+# The upstream's CORS answer is dropped unless its route says `cors_passthrough`: Garrison
+# owns CORS, and an app's own `allow_origins=["*"]` must not reach browsers behind the gateway.
+UPSTREAM_CORS = frozenset(
+    {
+        b"access-control-allow-origin",
+        b"access-control-allow-credentials",
+        b"access-control-allow-methods",
+        b"access-control-allow-headers",
+        b"access-control-expose-headers",
+        b"access-control-max-age",
+        b"access-control-allow-private-network",
+    }
+)
+# What response_head drops by default: one set lookup per header, as before.
+HOP_BY_HOP_AND_CORS = HOP_BY_HOP | UPSTREAM_CORS
+
 # Identity and forwarding headers a client must never be able to set (DESIGN §5.2).
 SPOOFABLE_PREFIXES = (b"x-forwarded-", b"x-ssl-client-", b"x-garrison-")
 SPOOFABLE = frozenset({b"x-real-ip", b"forwarded", b"x-client-ip", b"true-client-ip"})
@@ -99,8 +115,10 @@ def response_head(
     framing: bytes,
     close: bool,
     upgrade: bytes | None = None,
+    drop: frozenset[bytes] = HOP_BY_HOP_AND_CORS,
 ) -> bytes:
-    """The head sent to the client: upstream headers minus hop-by-hop, plus security headers.
+    """The head sent to the client: upstream headers minus `drop` (hop-by-hop and, unless the
+    route passes them through, the upstream's CORS headers), plus security headers.
 
     Security headers the upstream already set (other than HSTS, which the gateway owns) are kept.
     """
@@ -108,11 +126,7 @@ def response_head(
     parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason_phrase or reason(status), b"\r\n"]
     present: set[bytes] = set()
     for name, value in headers:
-        if (
-            name in HOP_BY_HOP
-            or (listed and name in listed)
-            or name == b"strict-transport-security"
-        ):
+        if name in drop or (listed and name in listed) or name == b"strict-transport-security":
             continue
         present.add(name)
         parts += [name, b": ", value, b"\r\n"]
@@ -132,17 +146,17 @@ def reply_bytes(
 ) -> bytes:
     """A complete response for a Reply produced by the gateway itself; `extra`: serialised
     header lines the stages added for this request (Exchange.response_head_extra)."""
-    parts = [
-        b"HTTP/1.1 ",
-        str(reply.status).encode(),
-        b" ",
-        reason(reply.status),
-        b"\r\ncontent-type: ",
-        reply.content_type,
-        b"\r\ncontent-length: ",
-        str(len(reply.body)).encode(),
-        b"\r\ncache-control: no-store\r\n",
-    ]
+    status = reply.status
+    parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason(status), b"\r\n"]
+    if status != 204:  # a 204 has no body, and no Content-Length (RFC 9110 §8.6)
+        parts += [
+            b"content-type: ",
+            reply.content_type,
+            b"\r\ncontent-length: ",
+            str(len(reply.body)).encode(),
+            b"\r\n",
+        ]
+    parts.append(b"cache-control: no-store\r\n")
     for name, value in reply.headers:
         parts += [name, b": ", value, b"\r\n"]
     for name, value in security:

@@ -188,7 +188,7 @@ class AuthEndpoints:
     def token(self, ex: Exchange) -> Reply | Any:
         if ex.method != "POST":
             return _method_not_allowed(ex, b"POST")
-        if cross_site(ex):
+        if cross_site(ex) and not ex.cors_allowed:  # allowed: a route's [cors] names the origin
             return _oauth_error(403, "access_denied", "cross-site token request refused")
         return self._token(ex)
 

@@ -65,6 +65,9 @@ class Exchange:
     # proxied response or the gateway's own reply (rate limit state, CORS). Bytes, not a list
     # of pairs: one concatenation per stage instead of tuples walked again at write time.
     response_head_extra: bytes = b""
+    # The CORS stage admitted this request's Origin by name (not through "*"): the token
+    # alias then accepts the cross-site call, which a browser page on that origin makes.
+    cors_allowed: bool = False
     started: float = 0.0
     stage: str = ""
     identity: Identity | None = None

@@ -44,6 +44,7 @@ class CompiledRoute:
     allow_roles: frozenset[str] = frozenset()
     allow_users: frozenset[str] = frozenset()
     token_alias: str | None = None
+    cors_passthrough: bool = False  # keep the upstream's Access-Control-* response headers
     base: str = field(init=False, repr=False, compare=False, default="")
     # `auth` entries as sets of methods ("client_cert+session" -> both), and every method named.
     entries: tuple[frozenset[str], ...] = field(init=False, repr=False, compare=False, default=())
@@ -78,6 +79,7 @@ class CompiledRoute:
             allow_roles=frozenset(config.allow.roles),
             allow_users=frozenset(config.allow.users),
             token_alias=config.token_alias,
+            cors_passthrough=config.cors_passthrough,
         )
 
     @property
