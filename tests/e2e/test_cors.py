@@ -10,7 +10,9 @@ permissive CORS headers never reach the client unless a route passes them throug
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS, spki_hash
-from tests.e2e.fixtures_core import client_context, running_gateway
+from tests.e2e.fixtures_core import client_context, closed_port, running_gateway
 from tests.e2e.test_auth import Counting
 from tests.support.gateway import ADMIN_PASSWORD, GatewayProcess
 from tests.support.upstream import BackgroundApp, FakeUpstream
@@ -95,6 +97,15 @@ max_age = "5m"
 [[upstream]]
 name = "app"
 url = "{upstream.url}"
+
+[[upstream]]
+name = "dead"
+url = "http://127.0.0.1:{closed_port()}"
+
+[[route]]
+path = "/down/"
+upstream = "dead"
+auth = ["none"]
 
 [[route]]
 path = "/api/"
@@ -205,6 +216,13 @@ def test_401_and_429_carry_cors_so_the_page_can_read_them(
     assert limited.json()["error"]["code"] == "rate_limited"
 
 
+def test_upstream_failure_carries_cors(http: httpx.Client) -> None:
+    resp = http.get("/down/x", headers={"Origin": APP})
+    assert resp.status_code == 502
+    assert resp.json()["error"]["code"] == "upstream_unavailable"
+    assert_cors_for(resp)
+
+
 @pytest.mark.parametrize(
     "origin",
     [
@@ -244,6 +262,53 @@ def test_route_table_replaces_the_global_one(http: httpx.Client) -> None:
     own = http.get("/own/x", headers={"Origin": "https://other.example.com"})
     assert own.headers["access-control-allow-origin"] == "https://other.example.com"
     assert "access-control-allow-credentials" not in own.headers
+
+
+RELOAD_CONFIG = """
+[server]
+listen = "127.0.0.1:0"
+
+[cors]
+{cors}
+
+[[upstream]]
+name = "app"
+url = "{url}"
+
+[[route]]
+path = "/"
+upstream = "app"
+auth = ["none"]
+"""
+
+
+def test_reload_swaps_the_policy_and_a_bad_one_is_refused(
+    tmp_path: Path, upstream: PermissiveApp
+) -> None:
+    first = RELOAD_CONFIG.format(cors=f'allow_origins = ["{APP}"]', url=upstream.url)
+    with running_gateway(tmp_path, first) as gw:
+        path = gw.config_path
+        with httpx.Client(base_url=gw.url, verify=client_context(gw), timeout=30) as c:
+            assert_cors_origin(c.get("/x", headers={"Origin": APP}), APP)
+            other = "https://b.example.com"
+            path.write_text(
+                RELOAD_CONFIG.format(cors=f'allow_origins = ["{other}"]', url=upstream.url)
+            )
+            gw.signal(signal.SIGHUP)
+            gw.wait_for_line("configuration reloaded")
+            assert_no_cors(c.get("/x", headers={"Origin": APP}))
+            assert_cors_origin(c.get("/x", headers={"Origin": other}), other)
+            bad = 'allow_origins = ["*"]\nallow_credentials = true'
+            path.write_text(RELOAD_CONFIG.format(cors=bad, url=upstream.url))
+            gw.signal(signal.SIGHUP)
+            gw.wait_for_line("allow_credentials = true cannot go with")
+            assert_cors_origin(c.get("/x", headers={"Origin": other}), other)
+            assert_no_cors(c.get("/x", headers={"Origin": "https://evil.example"}))
+
+
+def assert_cors_origin(resp: httpx.Response, origin: str) -> None:
+    assert resp.status_code == 200
+    assert resp.headers.get_list("access-control-allow-origin") == [origin]
 
 
 # -- preflights -------------------------------------------------------------------------------
