@@ -36,8 +36,35 @@ class MemoryBackend:
         if self._admits % PRUNE_EVERY == 0:
             self._prune(now)
         tats = self._tats
+        if budget is None and len(rates) == 1:  # the common route, without the general loop
+            rate = rates[0]
+            rate_key = key + rate.suffix
+            step = rate.step
+            tat = tats.get(rate_key, now)
+            if tat < now:
+                tat = now
+            ahead = tat + step - now
+            if ahead > rate.period + 1e-9:
+                return Decision(
+                    False,
+                    f"rate {rate.text}",
+                    ahead - rate.period,
+                    RateInfo(rate.limit, 0, tat - now),
+                )
+            info = RateInfo(rate.limit, int((rate.period - ahead) / step + 1e-9), ahead)
+            lease = None
+            if concurrency is not None:
+                held = self._slots.get(key)
+                if held is None:
+                    held = self._slots[key] = set()
+                elif len(held) >= concurrency:
+                    return Decision(False, "concurrency", 1.0, info)
+                lease = next(self._ids)
+                held.add(lease)
+            tats[rate_key] = tat + step
+            return Decision(True, "", 0.0, info, lease)
+        info = None
         updates: list[tuple[str, float]] = []
-        info: RateInfo | None = None
         for rate in rates:
             rate_key = key + rate.suffix
             interval = rate.step
@@ -63,8 +90,10 @@ class MemoryBackend:
                 return Decision(False, "tokens", ends - now, info)
         lease = None
         if concurrency is not None:
-            held = self._slots.setdefault(key, set())
-            if len(held) >= concurrency:
+            held = self._slots.get(key)
+            if held is None:
+                held = self._slots[key] = set()
+            elif len(held) >= concurrency:
                 return Decision(False, "concurrency", 1.0, info)
             lease = next(self._ids)
             held.add(lease)
@@ -76,12 +105,11 @@ class MemoryBackend:
         held = self._slots.get(key)
         if held is None or lease not in held:
             return
-        held.discard(lease)
-        if not held:
-            del self._slots[key]
-        for waiter in self._waiters.pop(key, ()):
-            if not waiter.done():
-                waiter.set_result(None)
+        held.remove(lease)  # an empty set stays until the next prune: no set per request
+        if self._waiters:
+            for waiter in self._waiters.pop(key, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def wait_for_slot(self, key: str, timeout: float) -> bool:
         """Wait until a slot of `key` is released (True) or `timeout` passes (False)."""
@@ -100,6 +128,7 @@ class MemoryBackend:
         self._tokens[key] = (used + max(0, tokens), ends)
 
     def slots_held(self) -> int:
+        """Concurrency slots held now, over every key."""
         return sum(len(s) for s in self._slots.values())
 
     def usage(self, prefix: str = "") -> list[dict[str, object]]:
@@ -117,7 +146,7 @@ class MemoryBackend:
                     {"key": key, "kind": "rate", "limit": f"{limit}/{period:g}s", "used": used}
                 )
         for key, held in sorted(self._slots.items()):
-            if key.startswith(prefix):
+            if key.startswith(prefix) and held:
                 rows.append({"key": key, "kind": "concurrency", "used": len(held)})
         for key, (used, ends) in sorted(self._tokens.items()):
             if key.startswith(prefix) and now < ends:
@@ -127,6 +156,7 @@ class MemoryBackend:
     def _prune(self, now: float) -> None:
         self._tats = {k: t for k, t in self._tats.items() if t > now}
         self._tokens = {k: v for k, v in self._tokens.items() if v[1] > now}
+        self._slots = {k: held for k, held in self._slots.items() if held}
 
     async def close(self) -> None:
         return None

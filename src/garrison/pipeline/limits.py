@@ -146,6 +146,7 @@ class Limits(Stage):
         self.backend = backend
         self.routes = routes
         self.gates = gates
+        self._release = backend.release  # bound once: the hook of every admitted request
         metrics.track_limits(backend, gates)
 
     def __call__(self, ex: Exchange) -> StageResult:
@@ -216,7 +217,7 @@ class Limits(Stage):
 
     def _admitted(self, ex: Exchange, key: str, decision: Decision) -> None:
         if decision.lease is not None:
-            ex.finally_(partial(self.backend.release, key, decision.lease))
+            ex.finally_(partial(self._release, key, decision.lease))
         if decision.info is not None:
             ex.response_head_extra += rate_headers(decision.info)
 
