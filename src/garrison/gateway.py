@@ -19,7 +19,7 @@ from pathlib import Path
 import platformdirs
 
 from garrison import config as config_mod
-from garrison.acme.manager import AcmeManager
+from garrison.acme.manager import AcmeManager, Outcome
 from garrison.acme.renewer import attempt, renew_forever
 from garrison.auth.service import AuthService
 from garrison.config import Config, LimitsConfig, parse_hostport
@@ -157,7 +157,7 @@ class Gateway:
                 )
                 redirect_sock = None
             if self.acme.usable() is None:
-                await attempt(self.acme, source="issuance")
+                self._acme_outcome(await attempt(self.acme, source="issuance"), "issuance")
         cert_path, key_path = self._wanted_pair()
         self.ssl_context = server_context(
             self.config.server.tls_profile,
@@ -187,7 +187,23 @@ class Gateway:
         if tls.source != "internal":
             self._tasks.append(asyncio.ensure_future(self._watch_certificate()))
         if self.acme is not None:
-            self._tasks.append(asyncio.ensure_future(renew_forever(self.acme, self._swap)))
+            self._tasks.append(asyncio.ensure_future(renew_forever(self.acme, self._acme_outcome)))
+
+    def _acme_outcome(self, outcome: Outcome, stage: str = "renewal") -> None:
+        """Serve a new ACME certificate at once, and keep an audit line of every attempt."""
+        assert self.acme is not None
+        names = list(self.acme.config.names)
+        if outcome.renewed:
+            state = self.acme.live.read_state()
+            self.access_log.audit(
+                "acme_certificate",
+                {"stage": stage, "names": names, "serial": state.serial, "until": state.not_after},
+            )
+            self._swap()
+        elif outcome.error:
+            self.access_log.audit(
+                "acme_failure", {"stage": stage, "names": names, "error": outcome.error}
+            )
 
     def _wanted_pair(self) -> tuple[Path, Path]:
         """The pair to serve: the ACME certificate once there is a usable one (the internal

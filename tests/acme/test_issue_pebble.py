@@ -4,6 +4,7 @@ and the current certificate left in place)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import http.server
 import json
 import stat
@@ -190,3 +191,23 @@ def test_ca_down_keeps_the_certificate_and_backs_off(
     alerts = webhook.wait(2)
     assert [a["failures"] for a in alerts[:2]] == [1, 2]
     assert alerts[0]["current_not_after"]  # the alert says a certificate is still serving
+
+
+def test_renewal_information_moves_renewal_earlier(pebble: Pebble, manager: AcmeManager) -> None:
+    """Pebble 2.4 offers no renewalInfo: the check records that (and when to ask again) and
+    the schedule stays ours; a suggested window (as Let's Encrypt sends) moves it earlier."""
+    with _responder(pebble, manager):
+        assert manager.ensure().renewed
+    own = manager.due()
+    manager.check_ari()
+    state = manager.live.read_state()
+    assert state.ari_renewal == "" and state.ari_checked_until
+    assert manager.due() == own
+    suggested = own - dt.timedelta(days=100)
+    state.ari_renewal = suggested.isoformat()
+    manager.live.write_state(state)
+    assert manager.due() == suggested
+    later = own + dt.timedelta(days=1)  # ARI never delays a renewal past our own schedule
+    state.ari_renewal = later.isoformat()
+    manager.live.write_state(state)
+    assert manager.due() == own

@@ -244,3 +244,20 @@ def test_failed_validation_at_start_serves_internal_cert_and_alerts(
         status = acme_cli(gw, "status")
         assert "HTTP-01 validation failed" in status.stdout
         assert "certificate:  none yet" in status.stdout
+
+
+def test_two_workers_place_one_order_and_both_serve_it(
+    tmp_path: Path, upstream: FakeUpstream, pebble: Pebble, webhook: WebhookReceiver
+) -> None:
+    """Each worker starts the issuance; the lock makes the second find the first's result."""
+    text = acme_gateway_config(upstream, pebble, webhook)
+    gw = GatewayProcess(["--workers", "2"], tmp_path / "data", config_text=text)
+    try:
+        ctx = pebble_context(pebble)
+        serials = {served_cert(gw, ctx, NAMES[i % 2]).serial_number for i in range(8)}
+        assert len(serials) == 1
+        assert (pebble.workdir / "pebble.log").read_text().count("POST /order-plz") == 1
+        gw.wait_for_line(r'"event":"acme_certificate".*"stage":"issuance"')
+    finally:
+        gw.stop()
+    assert webhook.received == []

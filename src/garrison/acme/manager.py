@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from garrison.acme.account import AcmeError, open_account
+from garrison.acme.account import AcmeError, directory, open_account
 from garrison.acme.alert import send_alert
 from garrison.acme.challenges import ChallengeStore
 from garrison.acme.issue import Issued, obtain
@@ -84,7 +84,6 @@ class AcmeManager:
         with FileLock(self.live.lock_path):
             now = dt.datetime.now(dt.UTC)
             if not force:
-                self._check_ari(now)
                 due = self.due(now)
                 if due > now:
                     return Outcome(False, next_check=due)
@@ -162,28 +161,27 @@ class AcmeManager:
         )
         return Outcome(False, error=str(exc), next_check=retry)
 
-    def _check_ari(self, now: dt.datetime) -> None:
-        """RFC 9773: ask the CA when to renew, at most every Retry-After; errors are ignored
-        (ARI only ever moves a renewal earlier than our own schedule)."""
-        leaf = self.usable()
-        if leaf is None:
-            return
+    def check_ari(self, now: dt.datetime | None = None) -> None:
+        """RFC 9773: ask the CA when to renew, at most once per its Retry-After (6 h when it
+        offers no ARI). Errors are ignored: ARI only ever moves a renewal earlier than our
+        own schedule, so without it we renew on time anyway."""
+        now = now or dt.datetime.now(dt.UTC)
         state = self.live.read_state()
         until = parse_iso(state.ari_checked_until)
-        if until is not None and until > now:
+        if (until is not None and until > now) or self.usable() is None:
             return
-        from garrison.acme.account import directory
-
-        try:
-            acme = directory(self.config.directory, self.config.ca_bundle)
-            if "renewalInfo" not in acme.directory:
-                state.ari_checked_until = iso(now + ARI_DEFAULT_RECHECK)
-                self.live.write_state(state)
-                return
-            suggested, recheck = acme.renewal_time(self.live.chain_path.read_bytes())
-        except Exception as exc:  # ARI is advice: its absence must not block renewal
-            log.debug("ACME renewal information unavailable: %s", exc)
-            return
-        state.ari_renewal = iso(suggested.astimezone(dt.UTC)) if suggested else ""
-        state.ari_checked_until = iso(recheck.astimezone(dt.UTC))
-        self.live.write_state(state)
+        self.live.ensure()
+        with FileLock(self.live.lock_path):
+            try:
+                acme = directory(self.config.directory, self.config.ca_bundle)
+                if "renewalInfo" in acme.directory:
+                    suggested, recheck = acme.renewal_time(self.live.chain_path.read_bytes())
+                else:
+                    suggested, recheck = None, now + ARI_DEFAULT_RECHECK
+            except Exception as exc:  # the CA down: retried at the next check, not before
+                log.debug("ACME renewal information unavailable: %s", exc)
+                suggested, recheck = None, now + ARI_DEFAULT_RECHECK
+            state = self.live.read_state()
+            state.ari_renewal = iso(suggested.astimezone(dt.UTC)) if suggested else ""
+            state.ari_checked_until = iso(recheck.astimezone(dt.UTC))
+            self.live.write_state(state)

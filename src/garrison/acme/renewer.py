@@ -29,10 +29,12 @@ async def attempt(manager: AcmeManager, *, force: bool = False, source: str = "r
         return Outcome(False, error=str(exc), next_check=retry)
 
 
-async def renew_forever(manager: AcmeManager, on_renewed: Callable[[], None]) -> None:
-    """Until cancelled: sleep until the next renewal is due, attempt it, call `on_renewed`."""
+async def renew_forever(manager: AcmeManager, on_outcome: Callable[[Outcome], None]) -> None:
+    """Until cancelled: sleep until the next renewal is due (asking the CA's renewal
+    information first), attempt it, report each attempt to `on_outcome`."""
     while True:
         try:
+            await asyncio.to_thread(manager.check_ari)
             due = await asyncio.to_thread(manager.due)
         except Exception as exc:
             log.error("ACME renewal schedule unreadable: %s", exc)
@@ -42,8 +44,9 @@ async def renew_forever(manager: AcmeManager, on_renewed: Callable[[], None]) ->
             await asyncio.sleep(min(MAX_SLEEP, max(MIN_SLEEP, wait)))
             continue
         outcome = await attempt(manager)
+        if outcome.renewed or outcome.error:
+            on_outcome(outcome)
         if outcome.renewed:
-            on_renewed()
             # A certificate due again at once (renew_before longer than its lifetime) must
             # not turn into a loop of orders: at most one per retry_min.
             await asyncio.sleep(manager.config.retry_min)

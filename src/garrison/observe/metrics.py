@@ -73,6 +73,7 @@ def track_limits(backend: object, gates: dict[str, Any]) -> None:
         upstream_in_flight.labels(upstream=name).set_function(lambda g=gate: g.in_flight)
         upstream_queued.labels(upstream=name).set_function(lambda g=gate: g.queued)
 
+
 acme_attempts = Counter(
     "garrison_acme_attempts",
     "ACME issuance/renewal attempts by result (success, failure).",
