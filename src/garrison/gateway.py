@@ -43,6 +43,7 @@ log = logging.getLogger("garrison")
 POOL_SWEEP_SECONDS = 15.0
 POOL_MAX_IDLE_AGE = 60.0
 CERT_CHECK_SECONDS = 3600.0
+START_ISSUANCE_WAIT = 40.0  # below the supervisor's 60 s wait for a worker to be ready
 CERT_WATCH_SECONDS = 2.0  # [tls] acme/files: how soon a changed certificate file is served
 
 
@@ -157,7 +158,7 @@ class Gateway:
                 )
                 redirect_sock = None
             if self.acme.usable() is None:
-                self._acme_outcome(await attempt(self.acme, source="issuance"), "issuance")
+                await self._first_issuance()
         cert_path, key_path = self._wanted_pair()
         self.ssl_context = server_context(
             self.config.server.tls_profile,
@@ -188,6 +189,25 @@ class Gateway:
             self._tasks.append(asyncio.ensure_future(self._watch_certificate()))
         if self.acme is not None:
             self._tasks.append(asyncio.ensure_future(renew_forever(self.acme, self._acme_outcome)))
+
+    async def _first_issuance(self) -> None:
+        """Try to get the certificate before "ready", but not for longer than the supervisor
+        waits for a worker: a slow CA finishes in the background and is swapped in then."""
+        assert self.acme is not None
+        task = asyncio.ensure_future(attempt(self.acme, source="issuance"))
+        done, _ = await asyncio.wait({task}, timeout=START_ISSUANCE_WAIT)
+        if done:
+            self._acme_outcome(task.result(), "issuance")
+            return
+        log.warning(
+            "ACME issuance still running after %ds; serving the internal certificate until "
+            "it completes",
+            int(START_ISSUANCE_WAIT),
+        )
+        task.add_done_callback(
+            lambda t: None if t.cancelled() else self._acme_outcome(t.result(), "issuance")
+        )
+        self._tasks.append(task)  # type: ignore[arg-type]
 
     def _acme_outcome(self, outcome: Outcome, stage: str = "renewal") -> None:
         """Serve a new ACME certificate at once, and keep an audit line of every attempt."""
