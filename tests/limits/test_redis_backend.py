@@ -424,3 +424,53 @@ def test_admit_round_trip_time(redis_server: RedisServer) -> None:
     per_admit = run(go)
     print(f"admit round trip: {per_admit * 1e6:.0f} us")
     assert per_admit < 0.005
+
+
+def test_an_emptied_script_cache_is_refilled_and_the_admit_still_counts(
+    redis_server: RedisServer,
+) -> None:
+    """SCRIPT FLUSH (what a Redis restart does): the pre-encoded EVALSHA gets NOSCRIPT, the
+    same admit goes again as EVAL (lease id included), and later admits use EVALSHA again."""
+
+    async def go() -> tuple[list[Decision], int]:
+        backend = await started(redis_server)
+        client = aioredis.from_url(redis_server.url)
+        try:
+            first = await admit(backend, rates=(R5S,), concurrency=2)
+            await client.script_flush()
+            second = await admit(backend, rates=(R5S,), concurrency=2)
+            third = await admit(backend, rates=(R5S,), concurrency=2)
+            held = await client.zcard("garrison:lim:route|alice|c")
+            return [first, second, third], int(held)
+        finally:
+            await client.aclose()
+            await backend.close()
+
+    decisions, held = run(go)
+    assert [d.allowed for d in decisions] == [True, True, False]
+    assert decisions[2].hit == "concurrency"
+    assert held == 2
+    assert [d.info.remaining for d in decisions[:2] if d.info] == [4, 3]
+
+
+def test_changed_limits_for_the_same_identity_take_effect_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """The encoded command is cached per counter key; new limit objects (an override changed,
+    a reload) must not reuse the old one."""
+
+    async def go() -> list[Decision]:
+        backend = await started(redis_server)
+        try:
+            out = [await admit(backend, rates=(Rate.parse("2/minute"),)) for _ in range(3)]
+            out.append(await admit(backend, rates=(Rate.parse("10/minute"),)))
+            out.append(await admit(backend, concurrency=1))
+            out.append(await admit(backend, concurrency=1))
+            return out
+        finally:
+            await backend.close()
+
+    decisions = run(go)
+    assert [d.allowed for d in decisions] == [True, True, False, True, True, False]
+    assert decisions[3].info is not None and decisions[3].info.limit == 10
+    assert decisions[5].hit == "concurrency"

@@ -26,6 +26,7 @@ import math
 import os
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -36,7 +37,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from garrison.limits.model import Budget, Decision, Rate, RateInfo
-from garrison.limits.resp import FastRedis, RespError
+from garrison.limits.resp import FastRedis, RespError, bulk
 from garrison.observe import metrics
 
 log = logging.getLogger("garrison.limits")
@@ -145,6 +146,19 @@ def _rate_key(rate: Rate) -> str:
     return f"{rate.limit}/{rate.period:g}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """The admit script call for one route x identity, mostly encoded ahead."""
+
+    rates: tuple[Rate, ...]
+    concurrency: int | None
+    budget: Budget | None
+    keys: list[str]
+    head: bytes  # RESP: EVALSHA sha numkeys KEYS..., before ARGV[1] (the lease id)
+    tail: bytes  # RESP: the ARGV after the lease id
+    args: list[Any]  # numkeys, KEYS, None (the lease id's place), ARGV: for EVAL after NOSCRIPT
+
+
 RELEASE_BATCH = 0.002  # seconds a released slot may wait to be batched with others
 
 
@@ -194,7 +208,7 @@ class RedisBackend:
         self._held: dict[str, str] = {}  # lease id -> slots zset key, refreshed by the heartbeat
         self._lease_ids = itertools.count()
         self._lease_tag = f"{os.getpid():x}.{os.urandom(4).hex()}."
-        self._plans: dict[tuple[Any, ...], tuple[list[str], list[Any]]] = {}
+        self._plans: dict[str, _Plan] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._down_until = 0.0
@@ -243,11 +257,17 @@ class RedisBackend:
         rates: tuple[Rate, ...],
         concurrency: int | None,
         budget: Budget | None,
-    ) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV (after the lease id) for one route x identity, built once and reused."""
-        cache_key = (key, rates, concurrency, budget)
-        plan = self._plans.get(cache_key)
-        if plan is not None:
+    ) -> _Plan:
+        """The admit command for one route x identity, encoded once and reused: per request
+        only the lease id is encoded (the limits are the same objects while the route and the
+        identity's overrides are; a change builds a new plan)."""
+        plan = self._plans.get(key)
+        if (
+            plan is not None
+            and plan.rates is rates
+            and plan.budget is budget
+            and plan.concurrency == concurrency
+        ):
             return plan
         base = self.prefix + key
         keys = [f"{base}|r|{_rate_key(rate)}" for rate in rates]
@@ -267,7 +287,16 @@ class RedisBackend:
             keys.append(base + "|t")
         if len(self._plans) >= _CACHE_MAX:
             self._plans.clear()
-        plan = self._plans[cache_key] = (keys, [len(keys), *keys, None, *args])
+        head = ["EVALSHA", self._admit_sha, len(keys), *keys]
+        plan = self._plans[key] = _Plan(
+            rates,
+            concurrency,
+            budget,
+            keys,
+            b"*%d\r\n" % (len(head) + 1 + len(args)) + b"".join(bulk(a) for a in head),
+            b"".join(bulk(a) for a in args),
+            [len(keys), *keys, None, *args],
+        )
         return plan
 
     def admit(
@@ -284,32 +313,22 @@ class RedisBackend:
         a Task and three coroutine frames per request (see pipeline/limits.py)."""
         loop = asyncio.get_running_loop()
         out: asyncio.Future[Decision] = loop.create_future()
-        keys, template = self._plan(key, rates, concurrency, budget)
-        lease = None
-        args = template.copy()
-        if concurrency is not None:
-            lease = self._lease_tag + str(next(self._lease_ids))
-            args[len(keys) + 1] = lease
-        else:
-            args[len(keys) + 1] = ""
+        plan = self._plan(key, rates, concurrency, budget)
+        lease = None if concurrency is None else self._lease_tag + str(next(self._lease_ids))
         if self._down_until and time.monotonic() < self._down_until:
             self._failed("admit", None)
             out.set_result(self._backend_decision())
             return out
         if self._releases:
             self._flush_releases()  # sent first on the same connection: Redis sees them first
-        call = self._fast.call("EVALSHA", self._admit_sha, *args)
-        call.add_done_callback(
-            partial(self._admitted, out, args, keys, rates, lease, retried=False)
-        )
+        call = self._fast.send(plan.head + bulk(lease or "") + plan.tail)
+        call.add_done_callback(partial(self._admitted, out, plan, lease, retried=False))
         return out
 
     def _admitted(
         self,
         out: asyncio.Future[Decision],
-        args: list[Any],
-        keys: list[str],
-        rates: tuple[Rate, ...],
+        plan: _Plan,
         lease: str | None,
         call: asyncio.Future[Any],
         retried: bool,
@@ -321,10 +340,10 @@ class RedisBackend:
             exc = TimeoutError("cancelled")
         if isinstance(exc, RespError) and str(exc).startswith("NOSCRIPT") and not retried:
             # After a Redis restart the script cache is empty: EVAL also reloads it.
+            args = plan.args.copy()
+            args[len(plan.keys) + 1] = lease or ""
             again = self._fast.call("EVAL", _ADMIT, *args)
-            again.add_done_callback(
-                partial(self._admitted, out, args, keys, rates, lease, retried=True)
-            )
+            again.add_done_callback(partial(self._admitted, out, plan, lease, retried=True))
             return
         if exc is not None:
             self._failed("admit", exc)
@@ -333,6 +352,7 @@ class RedisBackend:
         res = call.result()
         self._down_until = 0.0
         allowed, hit, wait = res[0], res[1], res[2]
+        rates = plan.rates
         info = self._info(rates, res, allowed == 1)
         if allowed != 1:
             if hit > 0:
@@ -342,7 +362,7 @@ class RedisBackend:
             out.set_result(Decision(False, hit=text, retry_after=wait / _US, info=info))
             return
         if lease is not None:
-            self._held[lease] = keys[len(rates)]
+            self._held[lease] = plan.keys[len(rates)]
         out.set_result(Decision(True, info=info, lease=lease))
 
     @staticmethod
@@ -368,16 +388,6 @@ class RedisBackend:
         if self.on_error == "open":
             return Decision(True, hit="backend")
         return Decision(False, hit="backend", retry_after=1.0)
-
-    async def _admit_call(self, numkeys_keys_args: list[Any]) -> Any:
-        """The admit script over the pipelined connection (resp.py): EVALSHA, and EVAL after
-        a Redis restart emptied the script cache (which also reloads it)."""
-        try:
-            return await self._fast.call("EVALSHA", self._admit_sha, *numkeys_keys_args)
-        except RespError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
-            return await self._fast.call("EVAL", _ADMIT, *numkeys_keys_args)
 
     async def _eval(self, sha: str, script: str, numkeys_keys_args: list[Any]) -> Any:
         """EVALSHA; after a Redis restart (empty script cache) EVAL, which also reloads it."""

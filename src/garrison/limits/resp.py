@@ -29,17 +29,20 @@ class _Incomplete(Exception):
     pass
 
 
+def bulk(arg: Any) -> bytes:
+    """One argument as a RESP bulk string."""
+    if isinstance(arg, bytes):
+        data = arg
+    elif isinstance(arg, str):
+        data = arg.encode()
+    else:
+        data = str(arg).encode()
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
 def encode(args: tuple[Any, ...] | list[Any]) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode()
-        else:
-            data = str(arg).encode()
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(parts)
+    """A command as a RESP array of bulk strings."""
+    return b"*%d\r\n" % len(args) + b"".join(bulk(arg) for arg in args)
 
 
 def parse(buf: bytes, pos: int) -> tuple[Any, int]:
@@ -58,6 +61,13 @@ def parse(buf: bytes, pos: int) -> tuple[Any, int]:
             return None, nxt
         items = []
         for _ in range(count):
+            if nxt < len(buf) and buf[nxt] == 58:  # an integer item (the admit reply): inline
+                end = buf.find(b"\r\n", nxt)
+                if end < 0:
+                    raise _Incomplete
+                items.append(int(buf[nxt + 1 : end]))
+                nxt = end + 2
+                continue
             item, nxt = parse(buf, nxt)
             items.append(item)
         return items, nxt
@@ -135,10 +145,14 @@ class FastRedis:
         self._watchdog: asyncio.TimerHandle | None = None
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
+        return self.send(encode(args))
+
+    def send(self, command: bytes) -> asyncio.Future[Any]:
+        """A command already encoded (see `encode`): the hot path builds most of it once."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self.pending.append((future, time.monotonic()))
-        self._queued.append(encode(args))
+        self._queued.append(command)
         if self._protocol is None:
             if self._connecting is None:
                 self._connecting = asyncio.ensure_future(self._connect())
