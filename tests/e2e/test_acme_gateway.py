@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from tests.acme.test_issue_pebble import wrong_responder
+from tests.acme_client.test_issue_pebble import wrong_responder
 from tests.e2e.fixtures_core import config, running_gateway
 from tests.support.gateway import GatewayProcess
 from tests.support.pebble import Pebble, pebble_or_skip

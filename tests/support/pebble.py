@@ -97,8 +97,9 @@ class Pebble:
     each start makes a new root, so read `root_pem()` after a start.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, nonce_reject: int = 0) -> None:
         self.workdir = workdir
+        self.nonce_reject = nonce_reject  # percentage of good nonces Pebble answers badNonce
         self.port = free_port()
         self.management_port = free_port()
         self.http_port = free_port()
@@ -156,7 +157,11 @@ class Pebble:
 
     def start(self) -> None:
         assert PEBBLE is not None
-        env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
+        env = {
+            **os.environ,
+            "PEBBLE_VA_NOSLEEP": "1",
+            "PEBBLE_WFE_NONCEREJECT": str(self.nonce_reject),
+        }
         self.proc = subprocess.Popen(
             [
                 PEBBLE,
@@ -210,14 +215,14 @@ class Pebble:
             self.dns.wait(timeout=10)
 
 
-def pebble_or_skip(workdir: Path) -> Pebble:
+def pebble_or_skip(workdir: Path, nonce_reject: int = 0) -> Pebble:
     """A started Pebble; without the binaries: fail under CI=true, else skip (with why)."""
     if PEBBLE is None or CHALLTESTSRV is None:
         reason = "pebble not installed (apt-get install pebble, or make sysdeps)"
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
-    server = Pebble(workdir)
+    server = Pebble(workdir, nonce_reject)
     server.start_dns()
     try:
         server.start()

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import josepy as jose
+import requests
 from acme import client, errors, messages
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from garrison.fsutil import FileLock, atomic_write, ensure_private_dir
 
+log = logging.getLogger("garrison")
 USER_AGENT = "garrison-acme"
 NETWORK_TIMEOUT = 30
 
@@ -66,9 +70,31 @@ def _load_or_create_key(folder: Path) -> tuple[jose.JWK, bool]:
     return jose.JWKEC(key=key), True
 
 
+BAD_NONCE_RETRIES = 8
+
+
+class Network(client.ClientNetwork):
+    """certbot's ClientNetwork, retrying a rejected nonce more than once.
+
+    RFC 8555 §6.5 lets a server reject any nonce (badNonce, with a fresh one in the answer);
+    the library retries once, which fails an order of a dozen requests often enough against a
+    server that rejects many (Pebble's default is 5%, Boulder under load more).
+    """
+
+    def post(self, *args: Any, **kwargs: Any) -> requests.Response:
+        for _ in range(BAD_NONCE_RETRIES):
+            try:
+                return self._post_once(*args, **kwargs)
+            except messages.Error as error:
+                if error.code != "badNonce":
+                    raise
+                log.debug("ACME server rejected a nonce (badNonce); retrying with a fresh one")
+        return self._post_once(*args, **kwargs)
+
+
 def network(key: jose.JWK | None, ca_bundle: str) -> client.ClientNetwork:
     """HTTPS to the CA, verified against the system store or the configured bundle."""
-    return client.ClientNetwork(
+    return Network(
         key,
         alg=jose.ES256,
         verify_ssl=ca_bundle or True,  # type: ignore[arg-type]  # requests takes a path too

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import http.server
 import json
+import logging
 import stat
 import threading
 from collections.abc import Iterator
@@ -22,8 +23,8 @@ from garrison.acme.manager import AcmeManager
 from garrison.acme.responder import standalone_responder
 from garrison.acme.storage import san_names
 from garrison.observe import metrics
-from tests.acme.conftest import NAMES, acme_config
-from tests.support.pebble import Pebble
+from tests.acme_client.conftest import NAMES, acme_config
+from tests.support.pebble import Pebble, pebble_or_skip
 from tests.support.webhook import WebhookReceiver
 
 
@@ -211,3 +212,22 @@ def test_renewal_information_moves_renewal_earlier(pebble: Pebble, manager: Acme
     state.ari_renewal = later.isoformat()
     manager.live.write_state(state)
     assert manager.due() == own
+
+
+def test_rejected_nonces_are_retried(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A CA may answer any request with badNonce (RFC 8555 §6.5): with Pebble rejecting half
+    of all good nonces, an order still goes through."""
+    work = tmp_path / "pebble-nonces"
+    work.mkdir()
+    server = pebble_or_skip(work, nonce_reject=50)
+    try:
+        manager = AcmeManager(tmp_path / "data", acme_config(server))
+        caplog.set_level(logging.DEBUG, logger="garrison")
+        with _responder(server, manager):
+            outcome = manager.ensure()
+        assert outcome.renewed, outcome.error
+        assert "badNonce" not in outcome.error
+        # Pebble did reject (about half of some twenty POSTs), and each was retried.
+        assert sum("rejected a nonce" in r.getMessage() for r in caplog.records) >= 1
+    finally:
+        server.close()
