@@ -70,7 +70,7 @@ def _load_or_create_key(folder: Path) -> tuple[jose.JWK, bool]:
     return jose.JWKEC(key=key), True
 
 
-BAD_NONCE_RETRIES = 8
+BAD_NONCE_RETRIES = 16
 
 
 class Network(client.ClientNetwork):

@@ -30,7 +30,8 @@ class ChallengeStore:
         if not TOKEN_RE.fullmatch(token):
             raise ValueError(f"ACME server sent an invalid challenge token {token!r}")
         ensure_private_dir(self.directory)
-        # 0644 content is public by design (the CA fetches it over plain HTTP); the dir is 0700.
+        # Not a secret (the CA fetches it over plain HTTP), but only this user's processes
+        # need to read it: 0600 in a 0700 directory, like everything under the data dir.
         atomic_write(self.directory / token, key_authorization.encode("ascii"), 0o600)
 
     def remove(self, token: str) -> None:
