@@ -241,12 +241,8 @@ class Gateway:
         """Serve the wanted pair if it is not the one loaded, or if its files changed."""
         if self.live_cert is None:
             return
-        cert_path, key_path = self._wanted_pair()
         try:
-            if (cert_path, key_path) != (self.live_cert.cert_path, self.live_cert.key_path):
-                self.live_cert.use(cert_path, key_path)
-            else:
-                self.live_cert.reload_if_changed()
+            self.live_cert.want(*self._wanted_pair())
         except (TLSConfigError, OSError, ValueError) as exc:
             log.error("new server certificate refused, the current one keeps serving: %s", exc)
 

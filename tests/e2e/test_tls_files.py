@@ -90,9 +90,19 @@ def test_files_are_served_and_reloaded_on_change(tmp_path: Path, upstream: FakeU
             time.sleep(0.2)
             serial = _served_serial(gw.port, first_ca, cert_path)
         assert serial == 2002
-        # A broken replacement is refused; the last good pair keeps serving.
+        (folder / "second.pem").write_bytes(cert_path.read_bytes())
+        # A broken replacement is refused (once, not at every look); the last good pair
+        # keeps serving, and the next good pair is picked up.
         cert_path.write_text("not a certificate")
         gw.wait_for_line(r"new server certificate refused, the current one keeps serving")
+        assert _served_serial(gw.port, folder / "second.pem") == 2002
+        _self_signed(folder, 3003)
+        deadline = time.monotonic() + 30
+        while serial != 3003 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            serial = _served_serial(gw.port, folder / "second.pem", cert_path)
+        assert serial == 3003
+        assert gw.output().count("new server certificate refused") == 1
         assert gw.proc.poll() is None
 
 

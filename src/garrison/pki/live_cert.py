@@ -39,20 +39,40 @@ class LiveCertificate:
         self.cert_path = Path(cert_path)
         self.key_path = Path(key_path)
         self.loaded = signature(self.cert_path, self.key_path)
+        self.refused: tuple[Path, Path, Signature | None] | None = None
+        self.suspect: tuple[Path, Path, Signature | None] | None = None
 
     def use(self, cert_path: Path, key_path: Path) -> None:
         """Serve this pair from now on; raises TLSConfigError and keeps the old one if bad."""
         sig = signature(cert_path, key_path)
         reload_context(self.ctx, cert_path, key_path)
         self.cert_path, self.key_path, self.loaded = Path(cert_path), Path(key_path), sig
+        self.refused = None
         log.info("server certificate loaded from %s (%s)", cert_path, describe(cert_path))
 
-    def reload_if_changed(self) -> bool:
-        """Reload when the files changed since the last load; False when nothing changed."""
-        sig = signature(self.cert_path, self.key_path)
-        if sig is None or sig == self.loaded:
+    def want(self, cert_path: Path, key_path: Path) -> bool:
+        """Serve this pair if it is not the loaded one or its files changed; True if reloaded.
+
+        A pair that fails is retried once at the next call before it is reported: tools that
+        rotate a key and then its certificate leave a mismatched pair for an instant. A pair
+        that fails twice unchanged is reported once and not retried until the files change.
+        """
+        cert_path, key_path = Path(cert_path), Path(key_path)
+        sig = signature(cert_path, key_path)
+        same_pair = (cert_path, key_path) == (self.cert_path, self.key_path)
+        if sig is None or (same_pair and sig == self.loaded):
             return False
-        self.use(self.cert_path, self.key_path)
+        version = (cert_path, key_path, sig)
+        if self.refused == version:
+            return False
+        try:
+            self.use(cert_path, key_path)
+        except Exception:
+            if self.suspect != version:
+                self.suspect = version  # maybe half-rotated: look again next time
+                return False
+            self.refused = version
+            raise
         return True
 
 
