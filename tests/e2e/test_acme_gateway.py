@@ -261,3 +261,31 @@ def test_two_workers_place_one_order_and_both_serve_it(
     finally:
         gw.stop()
     assert webhook.received == []
+
+
+def test_ca_down_at_start_then_back_swaps_the_public_certificate_in(
+    tmp_path: Path, upstream: FakeUpstream, pebble: Pebble, webhook: WebhookReceiver
+) -> None:
+    """No certificate and no CA at start: up on the internal certificate, alert, retry with
+    backoff; once the CA answers, the public certificate is served without a restart."""
+    pebble.stop()
+    text = acme_gateway_config(upstream, pebble, webhook)
+    with running_gateway(tmp_path, text) as gw:
+        alert = webhook.wait(1)[0]
+        assert alert["stage"] == "issuance" and alert["reason"] == "connection"
+        assert gw.ca_path is not None
+        internal = ssl.create_default_context(cafile=str(gw.ca_path))
+        served_cert(gw, internal, "localhost")  # up, on the internal CA
+        pebble.start()  # a new root: read it after the start
+        ctx = pebble_context(pebble)
+
+        def public() -> bool:
+            try:
+                served_cert(gw, ctx, NAMES[0])
+            except ssl.SSLCertVerificationError:
+                return False
+            return True
+
+        wait_until(public, "the public certificate after the CA came back")
+        gw.wait_for_line(r'"event":"acme_certificate".*"stage":"renewal"')
+        assert gw.proc.poll() is None and "Traceback" not in gw.output()
