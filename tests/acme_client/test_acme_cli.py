@@ -103,3 +103,12 @@ def test_bad_invocations_are_refused_clearly(tmp_path: Path, pebble: Pebble) -> 
     assert "wildcards need DNS-01" in result.stderr and "Traceback" not in result.stderr
     nothing = acme(_config(tmp_path, pebble), data, "revoke")
     assert nothing.returncode == 1 and "no ACME certificate to revoke" in nothing.stderr
+
+
+def test_unusable_data_dir_is_named_not_a_traceback(tmp_path: Path, pebble: Pebble) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = acme(_config(tmp_path, pebble), blocker / "data", "renew", "--force")
+    assert result.returncode == 1
+    assert f"cannot use {blocker / 'data'}" in result.stderr, result.stderr
+    assert "Not a directory" in result.stderr and "Traceback" not in result.stderr

@@ -197,11 +197,6 @@ class Pebble:
         with urllib.request.urlopen(url, context=self._context(), timeout=5) as resp:
             return resp.read()
 
-    def intermediate_pem(self) -> bytes:
-        url = f"https://127.0.0.1:{self.management_port}/intermediates/0"
-        with urllib.request.urlopen(url, context=self._context(), timeout=5) as resp:
-            return resp.read()
-
     def stop(self) -> None:
         """Kill Pebble (not challtestsrv) and wait until it is gone."""
         if self.proc is not None and self.proc.poll() is None:

@@ -29,6 +29,12 @@ def _fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
+def _fail_os(exc: OSError, config: Config) -> NoReturn:
+    """A file in the data dir, or the HTTP-01 port, could not be used: say which and why."""
+    where = exc.filename or f"{config.server.http_listen} (HTTP-01 listener)"
+    _fail(f"cannot use {where}: {exc.strerror or exc}")
+
+
 def _config(config_file: Path | None) -> Config:
     if config_file is None:
         raise click.UsageError("--config FILE is required (it holds [tls.acme])")
@@ -65,7 +71,7 @@ def _run(config: Config, manager: AcmeManager, force: bool, source: str) -> None
                 )
             outcome = manager.ensure(force=force, source=source)
     except OSError as exc:
-        _fail(f"cannot listen on {config.server.http_listen} for HTTP-01: {exc.strerror or exc}")
+        _fail_os(exc, config)
     if outcome.error:
         _fail(f"ACME {source} failed: {outcome.error}")
     if outcome.renewed:
@@ -106,7 +112,7 @@ def _dry_run(config: Config, manager: AcmeManager) -> None:
     except AcmeError as exc:
         _fail(f"dry run against {url} failed: {exc}")
     except OSError as exc:
-        _fail(f"dry run: cannot listen on {config.server.http_listen}: {exc.strerror or exc}")
+        _fail_os(exc, config)
     click.echo(
         f"garrison: dry run OK: {url} validated {', '.join(san_names(issued.leaf))} and issued "
         "a certificate (not stored)"
@@ -128,7 +134,7 @@ def renew(force: bool, data_dir: Path | None, config_file: Path | None) -> None:
 @config_option
 def status(data_dir: Path | None, config_file: Path | None) -> None:
     """Names, expiry, next renewal and the last error."""
-    _config_obj, manager = _manager(config_file, data_dir)
+    _, manager = _manager(config_file, data_dir)
     state = manager.live.read_state()
     leaf = manager.live.leaf()
     usable = manager.usable() is not None
@@ -165,8 +171,10 @@ def revoke_cmd(data_dir: Path | None, config_file: Path | None) -> None:
     try:
         account = open_account(manager.data_dir, cfg.directory, cfg.email, cfg.ca_bundle)
         revoke(account, leaf)
+        state.revoked = True
+        manager.live.write_state(state)
     except AcmeError as exc:
         _fail(str(exc))
-    state.revoked = True
-    manager.live.write_state(state)
+    except OSError as exc:
+        _fail_os(exc, config)
     click.echo(f"garrison: certificate {leaf.serial_number:x} revoked; run `garrison acme renew`")
