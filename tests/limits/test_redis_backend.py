@@ -16,8 +16,10 @@ from typing import Any, TypeVar
 import pytest
 import redis.asyncio as aioredis
 
+from garrison.limits import stock
 from garrison.limits.model import Budget, Decision, Rate
-from garrison.limits.redis_backend import RedisBackend, _sha
+from garrison.limits.redis_backend import RedisBackend
+from garrison.limits.redis_scripts import ADMIT, sha
 from garrison.observe import metrics
 from tests.limits.conftest import RedisServer
 
@@ -51,7 +53,8 @@ async def admit(
     concurrency: int | None = None,
     budget: Budget | None = None,
 ) -> Decision:
-    return await backend.admit(key, rates, concurrency, budget, time.time())
+    found = backend.admit(key, rates, concurrency, budget, time.time())
+    return found if isinstance(found, Decision) else await found  # Decision: from stock
 
 
 def errors(op: str) -> float:
@@ -338,9 +341,7 @@ def test_redis_down_fails_closed_logs_once_counts_every_call_and_recovers(
 
 
 def _sha_admit() -> str:
-    from garrison.limits import redis_backend
-
-    return _sha(redis_backend._ADMIT)
+    return sha(ADMIT)
 
 
 def test_redis_down_fails_open_when_configured(redis_server: RedisServer) -> None:
@@ -404,26 +405,95 @@ def test_one_admit_is_one_command(redis_server: RedisServer) -> None:
     assert [c["command"].split()[0] for c in from_clients] == ["EVALSHA"], seen
 
 
-def test_admit_round_trip_time(redis_server: RedisServer) -> None:
-    """Not a benchmark gate, a guard against an accidental second round trip or a slow path:
-    2000 admits (two rates, a slot, a budget) in sequence."""
+async def evalsha_calls(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_far_from_the_limits_most_admits_come_from_stock(redis_server: RedisServer) -> None:
+    """Rates and slots with plenty of room: permits and slots are taken from Redis by the
+    dozen (stock.py), so 2000 admits make far fewer than 2000 round trips; every slot handed
+    out is held in Redis while in use or in stock, and idle stock goes back."""
     rates = (Rate.parse("1000000/second"), Rate.parse("100000000/day"))
 
-    async def go() -> float:
+    async def go() -> tuple[int, int, int, int]:
         backend = await started(redis_server)
+        client = aioredis.from_url(redis_server.url)
         try:
+            before = await evalsha_calls(client)
+            held_max = 0
             for _ in range(100):
-                await admit(backend, rates=rates)
-            t0 = time.perf_counter()
-            for _ in range(2000):
-                await backend.admit("r|x", rates, None, None, 0.0)
-            return (time.perf_counter() - t0) / 2000
+                decisions = [await admit(backend, "r|x", rates, 1000) for _ in range(20)]
+                assert all(d.allowed for d in decisions)
+                held_max = max(held_max, int(await client.zcard("garrison:lim:r|x|c")))
+                for d in decisions:
+                    backend.release("r|x", d.lease)  # type: ignore[arg-type]
+            calls = await evalsha_calls(client) - before
+            await asyncio.sleep(stock.IDLE_RETURN * 3)  # the sweep gives idle stock back
+            held_after = int(await client.zcard("garrison:lim:r|x|c"))
+            return calls, held_max, held_after, len(backend._held)
         finally:
+            await client.aclose()
             await backend.close()
 
-    per_admit = run(go)
-    print(f"admit round trip: {per_admit * 1e6:.0f} us")
-    assert per_admit < 0.005
+    calls, held_max, held_after, held_here = run(go)
+    assert calls <= 2000 // 8, calls
+    assert 20 <= held_max <= 20 + stock.STOCK_MAX
+    assert held_after == 0 and held_here == 0
+
+
+def test_a_budgeted_route_asks_redis_for_every_request(redis_server: RedisServer) -> None:
+    """Token budgets are never stocked: each admit is one EVALSHA."""
+    rates = (Rate.parse("1000000/second"),)
+
+    async def go() -> int:
+        backend = await started(redis_server)
+        client = aioredis.from_url(redis_server.url)
+        try:
+            before = await evalsha_calls(client)
+            for _ in range(200):
+                assert (await admit(backend, "r|b", rates, None, Budget.parse("1e9/day"))).allowed
+            return await evalsha_calls(client) - before
+        finally:
+            await client.aclose()
+            await backend.close()
+
+    assert run(go) == 200
+
+
+def test_near_the_limit_nothing_is_stocked_and_two_backends_stay_exact(
+    redis_server: RedisServer,
+) -> None:
+    """A limit with little room: every admit asks Redis for one permit and one slot; two
+    backends admitting in turn pass exactly `limit` requests and hold exactly the slots."""
+    rates = (Rate.parse("40/minute"),)
+
+    async def go() -> tuple[int, int, int]:
+        one, two = await started(redis_server), await started(redis_server)
+        client = aioredis.from_url(redis_server.url)
+        try:
+            passed = 0
+            kept: list[tuple[RedisBackend, Decision]] = []
+            for i in range(60):
+                backend = one if i % 2 else two
+                decision = await admit(backend, "r|n", rates, 12)
+                if decision.allowed:
+                    passed += 1
+                    kept.append((backend, decision))
+                if len(kept) > 8:  # release some, keep up to 8 held at once
+                    b, d = kept.pop(0)
+                    b.release("r|n", d.lease)  # type: ignore[arg-type]
+            await asyncio.sleep(0.05)
+            held = int(await client.zcard("garrison:lim:r|n|c"))
+            return passed, held, len(kept)
+        finally:
+            await client.aclose()
+            await one.close()
+            await two.close()
+
+    passed, held, kept = run(go)
+    assert passed == 40
+    assert held == kept
 
 
 def test_an_emptied_script_cache_is_refilled_and_the_admit_still_counts(
@@ -474,3 +544,63 @@ def test_changed_limits_for_the_same_identity_take_effect_at_once(
     assert [d.allowed for d in decisions] == [True, True, False, True, True, False]
     assert decisions[3].info is not None and decisions[3].info.limit == 10
     assert decisions[5].hit == "concurrency"
+
+
+def test_stocks_of_two_backends_never_hold_more_slots_than_the_limit(
+    redis_server: RedisServer,
+) -> None:
+    """Two backends take slots ahead while plenty are free; together with the slots in use
+    they never exceed the limit, every request still gets one, and all go back when idle."""
+
+    async def go() -> tuple[list[bool], int, int]:
+        one, two = await started(redis_server), await started(redis_server)
+        client = aioredis.from_url(redis_server.url)
+        try:
+            allowed: list[bool] = []
+            held: list[tuple[RedisBackend, Decision]] = []
+            most = 0
+            for i in range(90):
+                backend = one if i % 3 else two
+                decision = await admit(backend, "r|s", (), 100)
+                allowed.append(decision.allowed)
+                held.append((backend, decision))
+                most = max(most, int(await client.zcard("garrison:lim:r|s|c")))
+            for backend, decision in held:
+                backend.release("r|s", decision.lease)  # type: ignore[arg-type]
+            await asyncio.sleep(stock.IDLE_RETURN * 3)
+            return allowed, most, int(await client.zcard("garrison:lim:r|s|c"))
+        finally:
+            await client.aclose()
+            await one.close()
+            await two.close()
+
+    allowed, most, after = run(go)
+    assert all(allowed)
+    assert 90 <= most <= 100
+    assert after == 0
+
+
+def test_a_stock_in_use_when_redis_stops_runs_out_then_the_fail_mode_applies(
+    redis_server: RedisServer,
+) -> None:
+    """Permits in stock were charged before the outage and stay usable for PERMIT_TTL; once a
+    round trip fails, nothing held ahead is trusted and `closed` refuses."""
+    rates = (Rate.parse("1000000/second"),)
+
+    async def go() -> tuple[int, Decision]:
+        backend = await started(redis_server)
+        try:
+            for _ in range(5):
+                assert (await admit(backend, "r|o", rates)).allowed
+            redis_server.stop()
+            for served in range(stock.STOCK_MAX + 5):  # bounded: a stock is STOCK_MAX at most
+                decision = await admit(backend, "r|o", rates)
+                if not decision.allowed:
+                    return served, decision
+            raise AssertionError("the stock never ran out")
+        finally:
+            await backend.close()
+
+    from_stock, refused = run(go)
+    assert from_stock <= stock.STOCK_MAX
+    assert refused.hit == "backend"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import logging
 import math
@@ -37,7 +36,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from garrison.limits.model import Budget, Decision, Rate, RateInfo
+from garrison.limits.redis_scripts import ADMIT, HEARTBEAT, SPEND, sha
 from garrison.limits.resp import FastRedis, RespError, bulk
+from garrison.limits.stock import IDLE_RETURN, STOCK_MAX, Stock
 from garrison.observe import metrics
 
 log = logging.getLogger("garrison.limits")
@@ -54,109 +55,30 @@ LOG_INTERVAL = 10.0  # seconds between two log lines about the same outage
 _CACHE_MAX = 4096  # precomputed argument lists kept (one per route x identity in use)
 _HEARTBEAT_BATCH = 500  # leases refreshed per script call (bounds one call's size)
 
-# KEYS: one tat per rate, then the slots zset (if concurrency), then the tokens key (if budget).
-# ARGV: lease id, number of rates, concurrency (-1: none), budget (-1: none), lease (us),
-#       then per rate: emission interval T (us), tolerance (us) = period - T.
-# Returns {allowed, hit (0 none, i rate i, -1 concurrency, -2 tokens), retry (us), d_1..d_n}
-# where d_i = tat_i - now before this request (us, >= 0): the caller derives remaining/reset.
-_ADMIT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local nr = tonumber(ARGV[2])
-local conc = tonumber(ARGV[3])
-local budget = tonumber(ARGV[4])
-local out = {1, 0, 0}
-local tats = {}
-local hit, wait = 0, -1
-for i = 1, nr do
-  local T = tonumber(ARGV[4 + 2 * i])
-  local tol = tonumber(ARGV[5 + 2 * i])
-  local tat = tonumber(redis.call('GET', KEYS[i])) or now
-  if tat < now then tat = now end
-  local d = tat - now
-  out[3 + i] = d
-  if d > tol then
-    if d - tol > wait then hit, wait = i, d - tol end
-  else
-    tats[i] = tat + T
-  end
-end
-local k = nr
-if conc >= 0 then
-  k = k + 1
-  redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', string.format('%.0f', now))
-  if redis.call('ZCARD', KEYS[k]) >= conc and 1000000 > wait then
-    hit, wait = -1, 1000000
-  end
-end
-if budget >= 0 then
-  local tk = KEYS[k + 1]
-  local used = tonumber(redis.call('GET', tk)) or 0
-  if used >= budget then
-    local ms = redis.call('PTTL', tk)
-    if ms < 0 then ms = 1000 end
-    if ms * 1000 > wait then hit, wait = -2, ms * 1000 end
-  end
-end
-if hit ~= 0 then
-  out[1], out[2], out[3] = 0, hit, wait
-  return out
-end
-for i = 1, nr do
-  local ms = math.floor((tats[i] - now) / 1000) + 1
-  redis.call('SET', KEYS[i], string.format('%.0f', tats[i]), 'PX', ms)
-end
-if conc >= 0 then
-  local lease = tonumber(ARGV[5])
-  redis.call('ZADD', KEYS[nr + 1], string.format('%.0f', now + lease), ARGV[1])
-  redis.call('PEXPIRE', KEYS[nr + 1], math.floor(lease / 1000) + 1)
-end
-return out
-"""
-
-# KEYS: slot zsets; ARGV: lease (us), then the lease id for each key. XX: a lease released or
-# expired meanwhile is not brought back.
-_HEARTBEAT = """
-local t = redis.call('TIME')
-local lease = tonumber(ARGV[1])
-local exp = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]) + lease)
-local ms = math.floor(lease / 1000) + 1
-for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], 'XX', exp, ARGV[i + 1])
-  redis.call('PEXPIRE', KEYS[i], ms)
-end
-return #KEYS
-"""
-
-# KEYS: the tokens key; ARGV: tokens, window (ms). The window starts at the first spend: the
-# TTL is set only while the key has none.
-_SPEND = """
-local v = redis.call('INCRBY', KEYS[1], ARGV[1])
-if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return v
-"""
-
-
-def _sha(script: str) -> str:
-    return hashlib.sha1(script.encode()).hexdigest()
-
 
 def _rate_key(rate: Rate) -> str:
     """`<limit>/<period in seconds>`: the rate itself, so one route's two rates never share."""
     return f"{rate.limit}/{rate.period:g}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class _Plan:
-    """The admit script call for one route x identity, mostly encoded ahead."""
+    """The admit script call for one route x identity, mostly encoded ahead, and what this
+    process holds ahead for it (stock.py)."""
 
     rates: tuple[Rate, ...]
     concurrency: int | None
     budget: Budget | None
     keys: list[str]
     head: bytes  # RESP: EVALSHA sha numkeys KEYS..., before ARGV[1] (the lease id)
-    tail: bytes  # RESP: the ARGV after the lease id
-    args: list[Any]  # numkeys, KEYS, None (the lease id's place), ARGV: for EVAL after NOSCRIPT
+    mid: bytes  # RESP: ARGV[2..5], before ARGV[6..8] (permits and slots wanted)
+    tail: bytes  # RESP: the per-rate ARGV
+    args: list[Any]  # numkeys, KEYS, None (lease id), ARGV[2..5], 3 x None, per-rate ARGV
+    slowest_step: float | None  # the longest emission interval of the rates (s), None: none
+    stock: Stock
+
+
+_N = [bulk(n) for n in range(STOCK_MAX + 2)]  # small counts in ARGV, encoded once
 
 
 RELEASE_BATCH = 0.002  # seconds a released slot may wait to be batched with others
@@ -202,9 +124,10 @@ class RedisBackend:
         self._fast = FastRedis(url, timeout=0.5)
         self._releases: dict[str, list[str]] = {}
         self._release_scheduled = False
-        self._admit_sha = _sha(_ADMIT)
-        self._heartbeat_sha = _sha(_HEARTBEAT)
-        self._spend_sha = _sha(_SPEND)
+        self._admit_sha = sha(ADMIT)
+        self._heartbeat_sha = sha(HEARTBEAT)
+        self._spend_sha = sha(SPEND)
+        self._sweep_scheduled = False
         self._held: dict[str, str] = {}  # lease id -> slots zset key, refreshed by the heartbeat
         self._lease_ids = itertools.count()
         self._lease_tag = f"{os.getpid():x}.{os.urandom(4).hex()}."
@@ -222,7 +145,7 @@ class RedisBackend:
         """Load the scripts and start the heartbeat. A Redis that is down now is not fatal:
         admit fails as configured until it comes back, then EVAL reloads the scripts."""
         try:
-            for script in (_ADMIT, _HEARTBEAT, _SPEND):
+            for script in (ADMIT, HEARTBEAT, SPEND):
                 await self._client.script_load(script)
         except (TimeoutError, RedisError, OSError) as exc:
             self._failed("start", exc)
@@ -240,6 +163,8 @@ class RedisBackend:
             self._heartbeat_task = None
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for plan in self._plans.values():
+            self._return_stock(plan)
         if self._releases:  # slots given back but not yet sent: send them before leaving
             batches, self._releases = self._releases, {}
             sent = [self._fast.call("ZREM", k, *v) for k, v in batches.items()]
@@ -269,6 +194,8 @@ class RedisBackend:
             and plan.concurrency == concurrency
         ):
             return plan
+        if plan is not None:
+            self._return_stock(plan)  # other limits now: what was held for the old ones goes
         base = self.prefix + key
         keys = [f"{base}|r|{_rate_key(rate)}" for rate in rates]
         args: list[Any] = [
@@ -286,16 +213,22 @@ class RedisBackend:
         if budget is not None:
             keys.append(base + "|t")
         if len(self._plans) >= _CACHE_MAX:
+            for old in self._plans.values():
+                self._return_stock(old)
             self._plans.clear()
         head = ["EVALSHA", self._admit_sha, len(keys), *keys]
+        mid, per_rate = args[:4], args[4:]
         plan = self._plans[key] = _Plan(
             rates,
             concurrency,
             budget,
             keys,
-            b"*%d\r\n" % (len(head) + 1 + len(args)) + b"".join(bulk(a) for a in head),
-            b"".join(bulk(a) for a in args),
-            [len(keys), *keys, None, *args],
+            b"*%d\r\n" % (len(head) + 4 + len(args)) + b"".join(bulk(a) for a in head),
+            b"".join(bulk(a) for a in mid),
+            b"".join(bulk(a) for a in per_rate),
+            [len(keys), *keys, None, *mid, None, None, None, *per_rate],
+            max((rate.period / rate.limit for rate in rates), default=None),
+            Stock(),
         )
         return plan
 
@@ -306,75 +239,174 @@ class RedisBackend:
         concurrency: int | None,
         budget: Budget | None,
         now: float,
-    ) -> asyncio.Future[Decision]:
-        """One EVALSHA. `now` is not used: Redis's clock is the one all gateways share.
+    ) -> Decision | asyncio.Future[Decision]:
+        """From this process's stock when it holds what is needed (stock.py), else one
+        EVALSHA. `now` is not used: Redis's clock is the one all gateways share.
 
-        Returns a future completed by callbacks, not a coroutine: on the request path that saves
-        a Task and three coroutine frames per request (see pipeline/limits.py)."""
-        loop = asyncio.get_running_loop()
-        out: asyncio.Future[Decision] = loop.create_future()
+        A round trip returns a future completed by callbacks, not a coroutine: on the request
+        path that saves a Task and three coroutine frames per request (see pipeline/limits.py)."""
         plan = self._plan(key, rates, concurrency, budget)
-        lease = None if concurrency is None else self._lease_tag + str(next(self._lease_ids))
-        if self._down_until and time.monotonic() < self._down_until:
+        stock = plan.stock
+        mono = time.monotonic()
+        out: asyncio.Future[Decision]
+        if budget is None and not self._down_until:
+            taken = stock.take(bool(rates), concurrency is not None, mono)
+            if taken is not None:
+                return taken
+            if stock.asking_permits or stock.asking_slots:
+                # A stock is on its way: wait for it instead of one more round trip each.
+                out = asyncio.get_running_loop().create_future()
+                stock.waiters.append(out)
+                return out
+        out = asyncio.get_running_loop().create_future()
+        self._ask(plan, out, mono)
+        return out
+
+    def _serve_waiters(self, plan: _Plan) -> None:
+        """Requests that waited for a stock: from it while it lasts, then by their own ask."""
+        stock = plan.stock
+        waiters, stock.waiters = stock.waiters, []
+        has_rates, has_slots = bool(plan.rates), plan.concurrency is not None
+        mono = time.monotonic()
+        for out in waiters:
+            if out.done():
+                continue
+            if stock.asking_permits or stock.asking_slots:
+                stock.waiters.append(out)
+                continue
+            taken = None if self._down_until else stock.take(has_rates, has_slots, mono)
+            if taken is not None:
+                out.set_result(taken)
+            else:
+                self._ask(plan, out, mono)
+
+    def _ask(self, plan: _Plan, out: asyncio.Future[Decision], mono: float) -> None:
+        """One round trip for one request (and, far from the limits, a stock)."""
+        stock, rates, budget = plan.stock, plan.rates, plan.budget
+        has_slots = plan.concurrency is not None
+        if self._down_until and mono < self._down_until:
             self._failed("admit", None)
             out.set_result(self._backend_decision())
-            return out
+            return
+        # What the stock has covers one side; the round trip asks for the other (and, far from
+        # the limits, for a stock of it).
+        held_permit = bool(rates) and budget is None and stock.take_permit(mono)
+        own = stock.leases.pop() if has_slots and budget is None and stock.leases else None
+        wantp = 0 if held_permit or not rates else (1 if budget else stock.ask_permits())
+        need = 1 if has_slots and own is None else 0
+        extra = stock.ask_slots() if has_slots and budget is None else 0
+        tag = self._lease_tag + str(next(self._lease_ids)) if need or extra else ""
         if self._releases:
             self._flush_releases()  # sent first on the same connection: Redis sees them first
-        call = self._fast.send(plan.head + bulk(lease or "") + plan.tail)
-        call.add_done_callback(partial(self._admitted, out, plan, lease, retried=False))
-        return out
+        ask = (wantp, need, extra)
+        call = self._fast.send(
+            plan.head + bulk(tag) + plan.mid + _N[wantp] + _N[need] + _N[extra] + plan.tail
+        )
+        call.add_done_callback(
+            partial(self._admitted, out, plan, tag, ask, held_permit, own, retried=False)
+        )
 
     def _admitted(
         self,
         out: asyncio.Future[Decision],
         plan: _Plan,
-        lease: str | None,
+        tag: str,
+        ask: tuple[int, int, int],
+        held_permit: bool,
+        own: str | None,
         call: asyncio.Future[Any],
         retried: bool,
     ) -> None:
-        if out.done():
-            return
+        self._answer(out, plan, tag, ask, held_permit, own, call, retried)
+        stock = plan.stock
+        if stock.waiters and not (stock.asking_permits or stock.asking_slots):
+            self._serve_waiters(plan)
+
+    def _answer(
+        self,
+        out: asyncio.Future[Decision],
+        plan: _Plan,
+        tag: str,
+        ask: tuple[int, int, int],
+        held_permit: bool,
+        own: str | None,
+        call: asyncio.Future[Any],
+        retried: bool,
+    ) -> None:
+        stock = plan.stock
+        wantp, need, extra = ask
         exc = None if call.cancelled() else call.exception()
         if call.cancelled():
             exc = TimeoutError("cancelled")
         if isinstance(exc, RespError) and str(exc).startswith("NOSCRIPT") and not retried:
             # After a Redis restart the script cache is empty: EVAL also reloads it.
             args = plan.args.copy()
-            args[len(plan.keys) + 1] = lease or ""
-            again = self._fast.call("EVAL", _ADMIT, *args)
-            again.add_done_callback(partial(self._admitted, out, plan, lease, retried=True))
+            at = len(plan.keys) + 1
+            args[at], args[at + 5], args[at + 6], args[at + 7] = tag, wantp, need, extra
+            again = self._fast.call("EVAL", ADMIT, *args)
+            again.add_done_callback(
+                partial(self._admitted, out, plan, tag, ask, held_permit, own, retried=True)
+            )
             return
-        if exc is not None:
-            self._failed("admit", exc)
-            out.set_result(self._backend_decision())
+        if exc is not None or out.done():  # failed, or nobody waits for the answer any more
+            stock.asking_permits = stock.asking_slots = False
+            zkey = plan.keys[len(plan.rates)] if plan.concurrency is not None else ""
+            if own is not None:
+                self._give_back(zkey, own)
+            if exc is not None:
+                self._failed("admit", exc)
+                out.set_result(self._backend_decision())
+                return
+            res = call.result()
+            slots = res[4 + len(plan.rates)] if res[0] == 1 else 0
+            for j in range(1, slots + 1):
+                self._held[f"{tag}:{j}"] = zkey
+                self._give_back(zkey, f"{tag}:{j}")
             return
         res = call.result()
         self._down_until = 0.0
-        allowed, hit, wait = res[0], res[1], res[2]
         rates = plan.rates
-        info = self._info(rates, res, allowed == 1)
+        n = len(rates)
+        allowed, hit, wait = res[0], res[1], res[2]
+        granted, slots, rate_room, slot_room = res[3 + n], res[4 + n], res[5 + n], res[6 + n]
+        mono = time.monotonic()
+        info = self._info(rates, res, granted) if wantp else stock.info
         if allowed != 1:
-            if hit > 0:
-                text = f"rate {rates[hit - 1].text}"
-            else:
-                text = "concurrency" if hit == -1 else "tokens"
+            stock.asking_permits = stock.asking_slots = False
+            if held_permit:
+                stock.permits += 1  # not used: back to the stock
+            if own is not None:
+                stock.leases.append(own)
+            text = f"rate {rates[hit - 1].text}" if hit > 0 else ""
+            text = text or ("concurrency" if hit == -1 else "tokens")
             out.set_result(Decision(False, hit=text, retry_after=wait / _US, info=info))
             return
-        if lease is not None:
-            self._held[lease] = plan.keys[len(rates)]
+        lease = own
+        if slots:
+            zkey = plan.keys[n]
+            leases = [f"{tag}:{j}" for j in range(1, slots + 1)]
+            for one in leases:
+                self._held[one] = zkey
+            if lease is None:
+                lease = leases.pop()
+            if leases:
+                stock.leases.extend(leases)
+                self._schedule_sweep()
+        if plan.concurrency is not None and plan.budget is None:
+            stock.slots_granted(slot_room, extra > 0, mono)
+        if wantp and plan.budget is None:
+            stock.permits_granted(wantp, granted, rate_room, plan.slowest_step or 0.0, info, mono)
         out.set_result(Decision(True, info=info, lease=lease))
 
     @staticmethod
-    def _info(rates: tuple[Rate, ...], res: list[int], consumed: bool) -> RateInfo | None:
-        """The most restrictive rate after this request: fewest remaining, then longest reset."""
+    def _info(rates: tuple[Rate, ...], res: list[int], consumed: int) -> RateInfo | None:
+        """The most restrictive rate after the `consumed` permits just granted: fewest
+        remaining, then longest reset."""
         best: RateInfo | None = None
         for i, rate in enumerate(rates):
             period_us = round(rate.period * _US)
             interval = max(1, round(period_us / rate.limit))
-            d = res[3 + i]
-            if consumed:
-                d += interval
+            d = res[3 + i] + interval * consumed
             remaining = max(0, min(rate.limit, (period_us - d) // interval))
             if (
                 best is None
@@ -399,11 +431,23 @@ class RedisBackend:
     # -- fire-and-forget -----------------------------------------------------------------------
 
     def release(self, key: str, lease: str) -> None:
-        """Give the slot back: forget it here at once (no more heartbeat), ZREM in Redis in a
-        task. If that ZREM fails, the slot still frees itself when its lease runs out."""
-        zkey = self._held.pop(lease, None)
+        """Give the slot back: into this process's stock while plenty are free (stock.py),
+        else forget it here at once (no more heartbeat) and ZREM it in Redis, batched. If that
+        ZREM fails, the slot still frees itself when its lease runs out."""
+        zkey = self._held.get(lease)
         if zkey is None or self._closed:
             return
+        plan = self._plans.get(key)
+        if plan is not None and not self._down_until:
+            stock = plan.stock
+            if len(stock.leases) < stock.want_slots:
+                stock.leases.append(lease)
+                self._schedule_sweep()
+                return
+        self._give_back(zkey, lease)
+
+    def _give_back(self, zkey: str, lease: str) -> None:
+        del self._held[lease]
         batch = self._releases.get(zkey)
         if batch is None:
             self._releases[zkey] = [lease]
@@ -427,6 +471,46 @@ class RedisBackend:
             future = self._fast.call("ZREM", zkey, *leases)  # pipelined: no task, no pool
             future.add_done_callback(self._release_done)
 
+    def _return_stock(self, plan: _Plan) -> None:
+        """The slots held ahead for `plan` go back to Redis (batched ZREM)."""
+        if not plan.stock.leases:
+            return
+        leases, plan.stock.leases = plan.stock.leases, []
+        for lease in leases:
+            zkey = self._held.get(lease)
+            if zkey is not None:
+                self._give_back(zkey, lease)
+
+    def _schedule_sweep(self) -> None:
+        if not self._sweep_scheduled:
+            try:
+                asyncio.get_running_loop().call_later(IDLE_RETURN, self._sweep)
+            except RuntimeError:
+                return
+            self._sweep_scheduled = True
+
+    def _sweep(self) -> None:
+        """Stocked slots unused for IDLE_RETURN go back, so an identity that stopped sending
+        does not keep slots another process could use."""
+        self._sweep_scheduled = False
+        now = time.monotonic()
+        waiting = False
+        for plan in list(self._plans.values()):
+            if plan.stock.leases:
+                if now - plan.stock.used_at >= IDLE_RETURN:
+                    self._return_stock(plan)
+                else:
+                    waiting = True
+        if waiting and not self._closed:
+            self._schedule_sweep()
+
+    def _void_stocks(self) -> None:
+        """After a Redis error nothing held ahead is trusted: a lease the heartbeat could not
+        refresh may have expired there. Forgotten here, they expire in Redis."""
+        for plan in self._plans.values():
+            for lease in plan.stock.void():
+                self._held.pop(lease, None)
+
     def _release_done(self, future: asyncio.Future[Any]) -> None:
         exc = None if future.cancelled() else future.exception()
         if exc is not None:
@@ -437,7 +521,7 @@ class RedisBackend:
         if tokens <= 0 or self._closed:
             return
         args = [1, self.prefix + key + "|t", int(tokens), max(1, round(budget.period * 1000))]
-        self._spawn(self._eval(self._spend_sha, _SPEND, args), "spend")
+        self._spawn(self._eval(self._spend_sha, SPEND, args), "spend")
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], op: str) -> None:
         try:
@@ -470,7 +554,7 @@ class RedisBackend:
             args: list[Any] = [len(batch), *(zkey for _, zkey in batch), self._lease_us]
             args += [lease for lease, _ in batch]
             try:
-                await self._eval(self._heartbeat_sha, _HEARTBEAT, args)
+                await self._eval(self._heartbeat_sha, HEARTBEAT, args)
             except (TimeoutError, RedisError, OSError) as exc:
                 self._failed("heartbeat", exc)
                 return
@@ -482,6 +566,7 @@ class RedisBackend:
         backend_errors.labels(op=op).inc()
         if exc is not None and not isinstance(exc, NoScriptError):
             self._down_until = time.monotonic() + self.DOWN_RETRY
+            self._void_stocks()
         self._unlogged += 1
         mono = time.monotonic()
         if mono - self._last_log >= LOG_INTERVAL:
