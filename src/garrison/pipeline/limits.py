@@ -162,13 +162,28 @@ class Limits(Stage):
         rates = limits.rates
         budget = limits.budget
         if ident is not None:
-            rates = ident.rates if ident.rates is not None else rates
-            budget = ident.budget if ident.budget is not None else budget
-        key = _counter_key(ex, route.index)
+            if ident.rates is not None:
+                rates = ident.rates
+            if ident.budget is not None:
+                budget = ident.budget
+            key = ident.limit_keys.get(route.index) or _counter_key(ex, route.index)
+        else:
+            key = _counter_key(ex, route.index)
         decision = self.backend.admit(key, rates, limits.concurrency, budget, time.time())
-        if isinstance(decision, Decision):
+        if type(decision) is Decision:
             if decision.allowed and budget is None:
-                self._admitted(ex, key, decision)
+                # The common case, inlined (this runs on every limited request): the slot's
+                # release hook (Exchange.finally_) and the rate limit headers.
+                if decision.lease is not None:
+                    hook = partial(self._release, key, decision.lease)
+                    if ex.finished:
+                        hook()
+                    elif ex.on_finish is None:
+                        ex.on_finish = [hook]
+                    else:
+                        ex.on_finish.append(hook)
+                if decision.info is not None:
+                    ex.response_head_extra += rate_headers(decision.info)
                 if gate is None or gate.try_acquire_for(ex):
                     return None
                 return self._wait_gate(ex, gate, limits.queue_timeout)
