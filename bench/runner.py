@@ -36,15 +36,15 @@ VARIANTS = {
 }
 AUTH_VARIANTS = {w: v for w, v in VARIANTS.items() if v[1] in ("key", "jwt")}
 VARIANT_TARGETS = {
-    "ka32key": targets.AUTH_TARGETS,
+    "ka32key": (*targets.AUTH_TARGETS, "garrison-redis"),  # also the base of its limits row
     "ka32jwt": targets.AUTH_TARGETS,
     "ka32limmem": tuple(t for t, b in targets.LIMITS_BACKENDS.items() if b == "memory"),
     "ka32limredis": tuple(t for t, b in targets.LIMITS_BACKENDS.items() if b == "redis"),
 }
 # Targets that run only some workloads: the Redis-backed Garrison exists for its limits row (and
 # the plain row it is compared with).
-TARGET_WORKLOADS = {"garrison-redis": ("ka32", "ka32limredis")}
-_LIMITS = ("ka32", "ka32limmem", "ka32limredis")
+TARGET_WORKLOADS = {"garrison-redis": ("ka32", "ka32key", "ka32limredis")}
+_LIMITS = ("ka32", "ka32key", "ka32limmem", "ka32limredis")
 ALIASES = {
     "keepalive": ("ka32", "ka32key", "ka32jwt", "ka32limmem", "ka32limredis", "ka256"),
     "small": ("ka32", "ka32key", "ka32jwt", "ka32limmem", "ka32limredis", "ka256", "newconn"),

@@ -129,7 +129,8 @@ def test_garrison_auth_rows_are_accepted(tmp_path: Path) -> None:
 
 def test_garrison_limits_rows_are_admitted(tmp_path: Path) -> None:
     """The memory and Redis limits rows get 200s with RateLimit headers (checked before each row,
-    a non-2xx fails it), Redis sees an EVALSHA per request, and the report has the ratios."""
+    a non-2xx fails it), Redis sees admits (far from the limits most come from the stock a
+    process takes ahead, limits/stock.py), and the report has the ratios."""
     missing = [tool for tool in ("nginx", "wrk", "redis-server") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"bench peers not installed: {', '.join(missing)}")
@@ -146,16 +147,20 @@ def test_garrison_limits_rows_are_admitted(tmp_path: Path) -> None:
         ("ka32", "garrison"),
         ("ka32limmem", "garrison"),
         ("ka32", "garrison-redis"),
+        ("ka32key", "garrison-redis"),
         ("ka32limredis", "garrison-redis"),
     ):
         measured = _value(results, workload, target)
         assert measured["rps"] > 0
         assert measured["non_2xx"] == 0
     redis = _value(results, "ka32limredis", "garrison-redis")
-    assert redis["evalsha_req"] > 0.9  # one admit per request (round-off at the ends)
+    assert 0 < redis["evalsha_req"] < 0.5  # Redis decides, in stocks, not once per request
     assert redis["redis_rtt_us"] > 0
     assert "evalsha_req" not in _value(results, "ka32", "garrison-redis")
     text = cli.write_report(results, tmp_path / "report.md")
     assert "| keep-alive 32 + limits (Redis) | req/s |" in text
-    assert "| keep-alive 32: Garrison with limits (Redis) / no limits req/s | " in text
+    assert (
+        "| keep-alive 32: Garrison with limits (Redis) / same API key, no limits req/s | " in text
+    )
+    assert "| req/s, memory row / plain row |" in text
     assert "## Limits in Redis: the cost per request" in text

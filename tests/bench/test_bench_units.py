@@ -276,26 +276,31 @@ def test_require_limited_wants_200_and_the_ratelimit_header(
 
 def test_limits_rows_run_next_to_the_plain_row_on_their_backends() -> None:
     names = runner.expand_workloads(["limits"])
-    assert names == ("ka32", "ka32limmem", "ka32limredis")
+    assert names == ("ka32", "ka32key", "ka32limmem", "ka32limredis")
     order = ["nginx", "garrison", "garrison-redis"]
     allowed = runner.VARIANT_TARGETS
     assert runner.schedule(names, order, 0, allowed) == [
         ("ka32", "nginx"),
         ("ka32", "garrison"),
+        ("ka32key", "garrison"),
         ("ka32limmem", "garrison"),
         ("ka32", "garrison-redis"),
+        ("ka32key", "garrison-redis"),
         ("ka32limredis", "garrison-redis"),
     ]
     assert runner.schedule(names, order[::-1], 1, allowed) == [
         ("ka32limredis", "garrison-redis"),
+        ("ka32key", "garrison-redis"),
         ("ka32", "garrison-redis"),
         ("ka32limmem", "garrison"),
+        ("ka32key", "garrison"),
         ("ka32", "garrison"),
         ("ka32", "nginx"),
     ]
-    # garrison-redis runs nothing but its own rows; the auth rows stay on garrison.
+    # garrison-redis runs nothing but its own rows (the API key row is its limits row's base);
+    # the JWT row stays on garrison.
     every = runner.schedule(runner.WORKLOADS[:7], ["garrison", "garrison-redis"], 0, allowed)
-    assert [w for w, t in every if t == "garrison-redis"] == ["ka32", "ka32limredis"]
+    assert [w for w, t in every if t == "garrison-redis"] == ["ka32", "ka32key", "ka32limredis"]
     assert ("ka32key", "garrison") in every and ("ka32limmem", "garrison") in every
     # A target that did not start with a key runs no variant rows.
     running = [Target("garrison", "https://h", api_key="gk"), Target("garrison-redis", "https://r")]
@@ -313,8 +318,10 @@ def _limits_results() -> runner.Results:
     results = runner.Results(plan)
     rows = {
         ("ka32", "garrison"): [(10000, 140), (10000, 150), (10000, 160)],
+        ("ka32key", "garrison"): [(10000, 140), (10000, 150), (10000, 160)],
         ("ka32limmem", "garrison"): [(8500, 160), (8600, 170), (8700, 180)],  # 0.86x
         ("ka32", "garrison-redis"): [(10000, 140), (9000, 150), (11000, 160)],
+        ("ka32key", "garrison-redis"): [(10000, 150), (9000, 160), (11000, 170)],
         ("ka32limredis", "garrison-redis"): [(8000, 200), (8400, 230), (8600, 260)],  # 0.84x
     }
     for (workload, target), values in rows.items():
@@ -329,12 +336,14 @@ def _limits_results() -> runner.Results:
 
 def test_limits_ratios_pass_at_eighty_five_percent_of_the_plain_run() -> None:
     text = report.checks_table(_limits_results())
-    memory = _check_line(text, "keep-alive 32: Garrison with limits (memory) / no limits req/s")
+    label = "keep-alive 32: Garrison with limits ({}) / same API key, no limits req/s"
+    memory = _check_line(text, label.format("memory"))
     assert memory.endswith("| 0.86x | ≥ 0.85x | PASS |")
-    redis = _check_line(text, "keep-alive 32: Garrison with limits (Redis) / no limits req/s")
+    redis = _check_line(text, label.format("Redis"))
     assert redis.endswith("| 0.84x | ≥ 0.85x | MISS |")
     workers = _check_line(
-        text, "keep-alive 32: Garrison --workers 2 with limits (memory) / no limits req/s"
+        text,
+        "keep-alive 32: Garrison --workers 2 with limits (memory) / same API key, no limits req/s",
     )
     assert workers.endswith("| - | ≥ 0.85x | n/a |")
 
@@ -351,6 +360,11 @@ def test_redis_cost_is_the_paired_cpu_difference_and_labelled() -> None:
     assert "| Redis calls per request from Garrison | 1.00 EVALSHA + 1.00 ZREM |" in lines
     assert "| time inside Redis per EVALSHA | 20.0 µs |" in lines
     assert "| one EVALSHA round trip, idle | 80.0 µs | synchronous redis-py" in lines
+    # Against the API key row: 200-150, 230-160, 260-170 = 50, 70, 90 µs; median 70.
+    assert (
+        "| the same against the API key row (limits alone) | Redis 70 µs, memory 20 µs |" in lines
+    )
+    assert "| req/s, Redis row / API key row | 0.84x |" in lines
     summary = report.summary_table(results)
     assert "| keep-alive 32 + limits (Redis) | req/s | - | 8,400 |" in summary
     assert "| keep-alive 32 + limits (memory) | req/s | 8,600 | - |" in summary
