@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import uvloop
@@ -40,23 +41,31 @@ def _format_address(sock: socket.socket) -> tuple[str, int]:
     return (f"[{host}]" if ":" in host else host), port
 
 
-def announce(https: socket.socket, redirect: socket.socket | None) -> None:
+def announce(https: socket.socket, redirect: socket.socket | None, config: Config) -> None:
     host, port = _format_address(https)
     say(f"listening on https://{host}:{port}")
     if redirect is not None:
         rhost, rport = _format_address(redirect)
         say(f"redirect listener on http://{rhost}:{rport}")
+    suffix = "" if port == 443 else f":{port}"
+    if config.tls.source == "acme":  # a publicly trusted certificate: browse by its name
+        say(f"open https://{config.tls.acme.names[0]}{suffix}/ (certificate from ACME)")
+        return
+    if config.tls.source == "files":
+        say(f"open https://<a name on your certificate>{suffix}/ (certificate from [tls.files])")
+        return
     shown = "localhost" if host in ("0.0.0.0", "[::]", "127.0.0.1", "[::1]") else host
     say(f"open https://{shown}:{port}/ in a browser or client that trusts the CA above")
 
 
 def run_single(options: UpOptions, config: Config, data_dir: Path) -> int:
     https, redirect = bind_listeners(config, reuse_port=False)
-    return uvloop.run(_serve(options, config, data_dir, https, redirect, _announce_single))
+    ready = partial(_announce_single, config)
+    return uvloop.run(_serve(options, config, data_dir, https, redirect, ready))
 
 
-def _announce_single(https: socket.socket, redirect: socket.socket | None) -> None:
-    announce(https, redirect)
+def _announce_single(config: Config, https: socket.socket, redirect: socket.socket | None) -> None:
+    announce(https, redirect, config)
     say("ready (1 worker)")
 
 
@@ -167,7 +176,7 @@ class Supervisor:
             log.error("workers did not start")
             self._terminate(signal.SIGTERM, None)
         elif not self.stopping:
-            announce(https, redirect)
+            announce(https, redirect, self.config)
             say(f"ready ({self.count} workers)")
         code = self._watch(write_fd)
         os.close(read_fd)

@@ -114,6 +114,17 @@ def plain_get(port: int, path: str) -> bytes:
     return data
 
 
+def wait_for_audit(gw: GatewayProcess, pattern: str) -> None:
+    """A line of the gateway's audit file (its data dir's audit.log) matches `pattern`."""
+    path = gw.data_dir / "audit.log"
+    regex = re.compile(pattern)
+    wait_until(
+        lambda: path.exists() and any(regex.search(x) for x in path.read_text().splitlines()),
+        f"an audit line matching {pattern!r}",
+        timeout=10.0,
+    )
+
+
 def wait_until(check, what: str, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -154,6 +165,9 @@ def test_fresh_data_dir_serves_a_pebble_certificate_for_both_names(
         assert "chat.example.com, api.example.com" in status.stdout
         assert "last error:   -" in status.stdout
         assert webhook.received == []
+        # The start-up hint names the ACME host, not the private CA meant for client certs.
+        assert f"open https://{NAMES[0]}:{gw.port}/ (certificate from ACME)" in gw.output()
+        assert "trusts the CA above" not in gw.output()
 
 
 def test_renewal_swaps_the_certificate_while_a_stream_stays_open(
@@ -257,7 +271,7 @@ def test_two_workers_place_one_order_and_both_serve_it(
         serials = {served_cert(gw, ctx, NAMES[i % 2]).serial_number for i in range(8)}
         assert len(serials) == 1
         assert (pebble.workdir / "pebble.log").read_text().count("POST /order-plz") == 1
-        gw.wait_for_line(r'"event":"acme_certificate".*"stage":"issuance"')
+        wait_for_audit(gw, r'"event":"acme_certificate".*"stage":"issuance"')
     finally:
         gw.stop()
     assert webhook.received == []
@@ -287,5 +301,5 @@ def test_ca_down_at_start_then_back_swaps_the_public_certificate_in(
             return True
 
         wait_until(public, "the public certificate after the CA came back")
-        gw.wait_for_line(r'"event":"acme_certificate".*"stage":"renewal"')
+        wait_for_audit(gw, r'"event":"acme_certificate".*"stage":"renewal"')
         assert gw.proc.poll() is None and "Traceback" not in gw.output()
