@@ -35,6 +35,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
+from garrison.limits import redis_usage
 from garrison.limits.model import Budget, Decision, Rate, RateInfo
 from garrison.limits.redis_scripts import ADMIT, HEARTBEAT, SPEND, sha
 from garrison.limits.resp import FastRedis, RespError, bulk
@@ -585,50 +586,5 @@ class RedisBackend:
     # -- inspection ----------------------------------------------------------------------------
 
     async def usage(self, prefix: str = "") -> list[dict[str, object]]:
-        """Rows like the memory backend's (for `garrison limits show`): per key, each rate in
-        use ("used": units of the bucket taken now), slots held, tokens spent in the window."""
-        client = self._client
-        sec, usec = await client.time()
-        now = sec * _US + usec
-        names: list[str] = []
-        async for raw in client.scan_iter(match=_glob(self.prefix + prefix) + "*", count=1000):
-            names.append(raw.decode() if isinstance(raw, bytes) else raw)
-        names.sort()
-        async with client.pipeline(transaction=False) as pipe:
-            for name in names:
-                if name.endswith("|c"):
-                    pipe.zcount(name, f"({now}", "+inf")
-                else:
-                    pipe.get(name)
-                pipe.pttl(name)
-            values = await pipe.execute()
-        rates: list[dict[str, object]] = []
-        slots: list[dict[str, object]] = []
-        tokens: list[dict[str, object]] = []
-        for i, name in enumerate(names):
-            value, pttl = values[2 * i], values[2 * i + 1]
-            rest = name[len(self.prefix) :]
-            if rest.endswith("|c"):
-                if int(value):
-                    slots.append({"key": rest[:-2], "kind": "concurrency", "used": int(value)})
-            elif rest.endswith("|t"):
-                if value is not None:
-                    row = {"key": rest[:-2], "kind": "tokens", "used": int(value)}
-                    tokens.append(row | {"resets_in": max(0, pttl) / 1000})
-            elif (cut := rest.rfind("|r|")) >= 0 and value is not None:
-                # `<key>|r|<limit>/<period>`: the key itself may hold "|", the rate cannot.
-                limit_text, _, period_text = rest[cut + 3 :].partition("/")
-                limit, period = int(limit_text), float(period_text)
-                d = int(value) - now
-                if d > 0:
-                    used = math.ceil(d / (period * _US / limit) - 1e-9)
-                    rates.append(
-                        {"key": rest[:cut], "kind": "rate", "limit": f"{limit}/{period:g}s"}
-                        | {"used": min(limit, used)}
-                    )
-        return rates + slots + tokens
-
-
-def _glob(text: str) -> str:
-    """Escape glob metacharacters so that a key prefix matches only itself."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+        """Rows like the memory backend's (for `garrison limits show`); see redis_usage.py."""
+        return await redis_usage.usage(self._client, self.prefix, prefix)
