@@ -13,6 +13,7 @@ import pytest
 
 from bench import __main__ as cli
 from bench import runner, workloads
+from tests.support.tools import missing as missing_tool
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +24,7 @@ TOOLS = ("nginx", "wrk", "hey", "curl")
 def results(tmp_path_factory: pytest.TempPathFactory) -> runner.Results:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
-        pytest.skip(f"bench peers not installed: {', '.join(missing)}")
+        missing_tool(f"bench peers not installed: {', '.join(missing)}")
     plan = runner.Plan(
         targets=("direct", "nginx"),
         workloads=runner.WORKLOADS,
@@ -107,7 +108,7 @@ def test_garrison_auth_rows_are_accepted(tmp_path: Path) -> None:
     """The key and JWT rows get 200s (a 401 fails the measurement) and the report has ratios."""
     missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
     if missing:
-        pytest.skip(f"bench peers not installed: {', '.join(missing)}")
+        missing_tool(f"bench peers not installed: {', '.join(missing)}")
     plan = runner.Plan(
         targets=("garrison",),
         workloads=runner.expand_workloads(["auth"]),
@@ -133,7 +134,7 @@ def test_garrison_limits_rows_are_admitted(tmp_path: Path) -> None:
     process takes ahead, limits/stock.py), and the report has the ratios."""
     missing = [tool for tool in ("nginx", "wrk", "redis-server") if shutil.which(tool) is None]
     if missing:
-        pytest.skip(f"bench peers not installed: {', '.join(missing)}")
+        missing_tool(f"bench peers not installed: {', '.join(missing)}")
     plan = runner.Plan(
         targets=("garrison", "garrison-redis"),
         workloads=runner.expand_workloads(["limits"]),

@@ -28,6 +28,7 @@ from tests.e2e.fixtures_stream import (
     wait_until,
 )
 from tests.support.gateway import GatewayProcess
+from tests.support.tools import missing
 from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.e2e
@@ -185,7 +186,7 @@ def test_curl_streams_a_chunked_upload_from_a_pipe(
     Expect: 100-continue), fed by another process; neither side ever holds the whole body."""
     curl = shutil.which("curl")
     if curl is None:
-        pytest.skip("curl not found on PATH")
+        missing("curl not found on PATH")
     total = 256 * BLOCK
     assert gateway.ca_path is not None
     feeder = subprocess.Popen(["head", "-c", str(total), "/dev/zero"], stdout=subprocess.PIPE)

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from garrison.pki.ca import CAError, CertificateAuthority
+from tests.support.tools import missing
 
 
 def _mode(path: Path) -> int:
@@ -101,7 +102,7 @@ def test_encrypted_key_needs_passphrase(data_dir: Path) -> None:
 def test_encrypted_key_readable_by_openssl_with_passphrase(data_dir: Path) -> None:
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("openssl CLI not installed")
+        missing("openssl CLI not installed")
     ca = CertificateAuthority.load_or_create(data_dir, passphrase=b"s3cret")
     base = [openssl, "pkey", "-in", str(ca.key_path), "-noout"]
     ok = subprocess.run([*base, "-passin", "pass:s3cret"], capture_output=True, check=False)

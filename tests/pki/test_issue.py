@@ -22,6 +22,7 @@ from cryptography.x509.verification import (
 )
 
 from garrison.pki.ca import CAError, CertificateAuthority
+from tests.support.tools import missing
 
 NAMES = ("gw.example", "localhost", "127.0.0.1", "::1")
 
@@ -168,7 +169,7 @@ def test_cryptography_verifier_rejects_other_name_and_other_ca(
 def test_chain_verifies_with_openssl_cli(ca: CertificateAuthority, tmp_path: Path) -> None:
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("openssl CLI not installed")
+        missing("openssl CLI not installed")
     chain_pem, _ = ca.issue_server_cert(NAMES, 90)
     leaf_file = tmp_path / "leaf.pem"
     leaf_file.write_bytes(chain_pem)  # openssl verify checks the first certificate in the file
