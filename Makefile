@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 UPSTREAM ?=
 ARGS ?=
 # Debian packages the test suite and the benchmark drive as real peers.
-TEST_DEB := curl openssl chromium nginx-light caddy wrk hey fonts-liberation redis-server pebble testssl.sh
+TEST_DEB := curl openssl chromium nginx-light caddy wrk hey fonts-liberation redis-server pebble testssl.sh prometheus
 
 .PHONY: run test bench lint deps sysdeps clean
 

@@ -698,6 +698,26 @@ class TlsConfig(_Model):
             raise ValueError('source = "files" needs [tls.files] cert and key paths')
 
 
+class MetricsConfig(_Model):
+    """[metrics]: who may scrape /.garrison/metrics. Secure by default: loopback only.
+
+    A client whose address (after trusted_proxies) is in `allow` may scrape; anyone else needs
+    a session or bearer credential of a user with role `admin` (`admin_role` = false: never)."""
+
+    allow: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    admin_role: bool = True
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network") from exc
+        return value
+
+
 class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
@@ -707,6 +727,7 @@ class Config(_Model):
     upstream: list[UpstreamConfig] = Field(default_factory=list)
     route: list[RouteConfig] = Field(default_factory=list)
     tls: TlsConfig = Field(default_factory=TlsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     def upstream_by_name(self, name: str) -> UpstreamConfig:
         return next(u for u in self.upstream if u.name == name)

@@ -27,6 +27,7 @@ import uvloop
 from garrison.config import Config, parse_hostport
 from garrison.gateway import Gateway, UpOptions, bind_listeners
 from garrison.http.server import bind_socket
+from garrison.observe import multiproc
 
 log = logging.getLogger("garrison")
 
@@ -146,6 +147,7 @@ class Supervisor:
         self.stopping = False
         self.https_addr = ""
         self.redirect_addr: str | None = None
+        self.metrics_dir = data_dir / "metrics"  # emptied by run() before the first fork
 
     def run(self) -> int:
         https = _reserve(self.config.server.listen)
@@ -157,6 +159,7 @@ class Supervisor:
         if redirect is not None:
             rhost, rport = _format_address(redirect)
             self.redirect_addr = f"{rhost}:{rport}"
+        self.metrics_dir = multiproc.prepare(self.data_dir)
         read_fd, write_fd = os.pipe()
         signal.signal(signal.SIGHUP, self._reload)
         signal.signal(signal.SIGTERM, self._terminate)
@@ -195,6 +198,7 @@ class Supervisor:
             if pid == 0:
                 return
             index = self.children.pop(pid, None)
+            multiproc.worker_gone(pid)
             if index is None or self.stopping:
                 continue
             code = os.waitstatus_to_exitcode(status)
@@ -223,6 +227,7 @@ class Supervisor:
                 os.kill(pid, signal.SIGTERM)
 
     def _worker(self, ready_fd: int) -> int:
+        multiproc.enable(self.metrics_dir)
         https = bind_socket(*parse_hostport(self.https_addr), reuse_port=True)
         redirect = None
         if self.redirect_addr is not None:
@@ -256,6 +261,7 @@ class Supervisor:
             except ChildProcessError:
                 break
             index = self.children.pop(pid, None)
+            multiproc.worker_gone(pid)
             if index is None:
                 continue
             code = os.waitstatus_to_exitcode(status)

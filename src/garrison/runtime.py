@@ -25,6 +25,7 @@ from garrison.pipeline.exchange import Headers
 from garrison.pipeline.forwarding import Forwarding
 from garrison.pipeline.identify import Identify
 from garrison.pipeline.limits import Limits, LimitsEndpoint, RouteLimits
+from garrison.pipeline.metrics_endpoint import MetricsEndpoint
 from garrison.pipeline.pipeline import Pipeline
 from garrison.pipeline.pki_endpoints import PkiEndpoints
 from garrison.pipeline.routes import RouteTable
@@ -104,6 +105,7 @@ def build_runtime(
     auth_endpoints = AuthEndpoints(auth)
     auth_endpoints.register(endpoints)
     PkiEndpoints(auth.revocation, build_crl).register(endpoints)
+    MetricsEndpoint(config.metrics, auth).register(endpoints)
     backend = limits_backend or MemoryBackend()
     endpoints.add("/.garrison/limits", LimitsEndpoint(backend, [r.path for r in config.route]))
     forwarding = Forwarding(config.server.trusted_proxies)

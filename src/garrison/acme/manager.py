@@ -114,6 +114,7 @@ class AcmeManager:
         state.directory = self.config.directory
         state.not_before = iso(leaf.not_valid_before_utc)
         state.not_after = iso(leaf.not_valid_after_utc)
+        metrics.set_certificate_expiry("acme", leaf.not_valid_after_utc)
         state.serial = format(leaf.serial_number, "x")
         state.last_success = iso(now)
         state.last_error = ""

@@ -17,6 +17,7 @@ import httptools
 
 from garrison.http import wire
 from garrison.http.relay import InFlight
+from garrison.observe import metrics, request_metrics
 from garrison.pipeline.exchange import Exchange, Reply, error_reply
 from garrison.pki.peer import PeerCert, peer_cert_of
 
@@ -87,6 +88,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=DOWNSTREAM_WRITE_HIGH)
+        metrics.count_handshake(transport)
         if self.state.runtime.client_certs:
             self.peer_cert = peer_cert_of(transport)  # parsed once per connection
         self.state.connections.add(self)
@@ -380,6 +382,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _send_error(self, ex: Exchange, reply: Reply) -> None:
         self.state.runtime.access_log.reply(ex, reply, self.state.runtime)
+        request_metrics.observe_reply(ex, reply)
         self.send_reply(reply, close=True)
 
     # One lazy timer per connection. It never fires later than header_read from when it was

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from garrison.http import wire
 from garrison.http.upstream import UpstreamConnection, UpstreamError, UpstreamPool
+from garrison.observe import request_metrics
 from garrison.pipeline.exchange import BodyTooLarge, Exchange, Reply, error_reply
 
 if TYPE_CHECKING:
@@ -439,6 +440,7 @@ class InFlight:
             or reply.status in CLOSE_AFTER
         )
         self.runtime.access_log.reply(self.ex, reply, self.runtime)
+        request_metrics.observe_reply(self.ex, reply)
         self._run_finish_hooks()
         self.down.send_reply(
             reply,
@@ -463,3 +465,7 @@ class InFlight:
 
     def _log(self, error: str = "") -> None:
         self.runtime.access_log.response(self, error)
+        headers_at = self.upstream_headers_at
+        request_metrics.observe(
+            self.ex, self.status, headers_at - self.upstream_started if headers_at else None
+        )

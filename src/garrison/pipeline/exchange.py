@@ -131,6 +131,7 @@ class Reply:
     body: bytes = b""
     content_type: bytes = b"application/json"
     headers: Headers = field(default_factory=list)
+    code: str = ""  # why, for the audit log: the error code, or login_required, ...
 
     @classmethod
     def json(cls, status: int, payload: object, headers: Headers | None = None) -> Reply:
@@ -184,8 +185,10 @@ def error_reply(status: int, code: str, message: str, *, html: bool) -> Reply:
             message=escape(message),
             code=escape(code),
         )
-        return Reply(status, page.encode(), b"text/html; charset=utf-8")
-    return Reply.json(status, {"error": {"code": code, "message": message}})
+        return Reply(status, page.encode(), b"text/html; charset=utf-8", code=code)
+    reply = Reply.json(status, {"error": {"code": code, "message": message}})
+    reply.code = code
+    return reply
 
 
 class Stage(Protocol):

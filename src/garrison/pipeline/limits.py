@@ -19,7 +19,7 @@ from functools import partial
 from garrison.limits.fair import FairGate
 from garrison.limits.model import Backend, Budget, Decision, Rate, RateInfo
 from garrison.limits.usage import UsageObserver, prepare_request
-from garrison.observe import metrics
+from garrison.observe import metrics, request_metrics
 from garrison.pipeline.exchange import BodyTooLarge, Exchange, Reply, error_reply
 from garrison.pipeline.pipeline import Stage, StageResult
 
@@ -296,11 +296,13 @@ class Limits(Stage):
         meter = TokenMeter(strip)
         ex.response_observer = meter
         backend = self.backend
+        spender = who(ex)
 
         def spend() -> None:
             tokens = meter.tokens
             if tokens:
                 backend.spend(key, budget, tokens, time.time())
+                request_metrics.count_tokens(spender, tokens)
 
         ex.finally_(spend)
 

@@ -1,4 +1,4 @@
-"""Gateway endpoints for operators and other software: the CRL and the Prometheus metrics."""
+"""Gateway endpoints for operators and other software: the CRL (metrics: metrics_endpoint)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,16 @@ import ipaddress
 import time
 from collections.abc import Callable
 
-from garrison.observe import metrics
 from garrison.pipeline.endpoints import GatewayEndpoints
 from garrison.pipeline.exchange import Exchange, Reply, error_reply
 from garrison.pipeline.pipeline import StageResult
 from garrison.pki.revocation import Revocation
 
 CRL_MAX_AGE = 3600.0
-PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
 class PkiEndpoints:
-    """`/.garrison/crl.pem` (internal CA) and `/.garrison/metrics` (loopback clients only)."""
+    """`/.garrison/crl.pem` (internal CA)."""
 
     def __init__(self, revocation: Revocation, build_crl: Callable[[], bytes] | None) -> None:
         self.revocation = revocation
@@ -26,16 +24,8 @@ class PkiEndpoints:
         self._crl: tuple[int, float, bytes] | None = None
 
     def register(self, endpoints: GatewayEndpoints) -> None:
-        endpoints.add("/.garrison/metrics", self.metrics)
         if self.build_crl is not None:
             endpoints.add("/.garrison/crl.pem", self.crl)
-
-    def metrics(self, ex: Exchange) -> Reply:
-        if not _loopback(ex.peer_ip):
-            return error_reply(
-                403, "forbidden", "metrics are served to loopback clients only", html=False
-            )
-        return Reply(200, metrics.render(), PROMETHEUS_TYPE)
 
     def crl(self, ex: Exchange) -> StageResult:
         if ex.method not in ("GET", "HEAD"):

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from garrison.fsutil import FileLock, atomic_write, ensure_private_dir
+from garrison.observe import metrics
 
 CA_VALIDITY = dt.timedelta(days=3650)
 MAX_SERVER_CERT_DAYS = 397  # CA/Browser Forum limit is 398; stay a day under it
@@ -97,6 +98,7 @@ class CertificateAuthority:
         self._key = key
         self.cert_path = cert_path
         self.key_path = key_path
+        metrics.set_certificate_expiry("ca", cert.not_valid_after_utc)
 
     # ------------------------------------------------------------------ create / load
     @classmethod

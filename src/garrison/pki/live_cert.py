@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from garrison.observe import metrics
 from garrison.pki.tls import reload_context
 
 log = logging.getLogger("garrison")
@@ -39,6 +40,7 @@ class LiveCertificate:
         self.cert_path = Path(cert_path)
         self.key_path = Path(key_path)
         self.loaded = signature(self.cert_path, self.key_path)
+        _expiry_metric(self.cert_path)
         self.refused: tuple[Path, Path, Signature | None] | None = None
         self.suspect: tuple[Path, Path, Signature | None] | None = None
 
@@ -49,6 +51,7 @@ class LiveCertificate:
         self.cert_path, self.key_path, self.loaded = Path(cert_path), Path(key_path), sig
         self.refused = None
         log.info("server certificate loaded from %s (%s)", cert_path, describe(cert_path))
+        _expiry_metric(cert_path)
 
     def want(self, cert_path: Path, key_path: Path) -> bool:
         """Serve this pair if it is not the loaded one or its files changed; True if reloaded.
@@ -74,6 +77,15 @@ class LiveCertificate:
             self.refused = version
             raise
         return True
+
+
+def _expiry_metric(cert_path: Path) -> None:
+    """garrison_certificate_expiry_timestamp_seconds{kind="server"}: what is served now."""
+    try:
+        leaf = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())[0]
+    except (OSError, ValueError):
+        return
+    metrics.set_certificate_expiry("server", leaf.not_valid_after_utc)
 
 
 def describe(cert_path: Path) -> str:
