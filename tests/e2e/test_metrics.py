@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.fixtures_core import ci, client_context, closed_port, running_gateway
 from tests.e2e.fixtures_stream import wait_until
-from tests.e2e.test_auth import cli, new_key
+from tests.e2e.test_auth import cli, login, new_key
 from tests.e2e.test_limits import _chat
 from tests.support.gateway import GatewayProcess
 from tests.support.upstream import FakeUpstream
@@ -222,18 +222,37 @@ def test_access_control(
 ) -> None:
     text = config(upstream.url, demo, f'[metrics]\nallow = ["{OTHER_LOOPBACK}/32"]\n')
     with running_gateway(tmp_path_factory.mktemp("metrics-acl"), text) as gw:
-        cli(gw.data_dir, "user", "add", "boss", "--role", "admin")
-        cli(gw.data_dir, "user", "add", "worker", "--role", "staff")
+        for user, role in (("boss", "admin"), ("worker", "staff")):
+            cli(gw.data_dir, "user", "add", user, "--role", role, "--password-stdin",
+                stdin=f"{user}-password-1\n")  # fmt: skip
         admin_key = new_key(gw, "boss-key", "x", owner="boss")
         plain_key = new_key(gw, "worker-key", "x", owner="worker")
+        admin_jwt, plain_jwt = (token(gw, user) for user in ("boss", "worker"))
+        # Allowed: the listed address, or an admin's API key, token or session.
         assert "garrison_requests_total" in scrape(gw, source=OTHER_LOOPBACK)
         assert "garrison_requests_total" in scrape(gw, key=admin_key)
-        for key in (None, plain_key, "gk_not_a_real_key", "not-a-jwt"):
+        assert "garrison_requests_total" in scrape(gw, key=admin_jwt)
+        with closing(login(gw, "boss", "boss-password-1")) as session:
+            assert session.get("/.garrison/metrics").status_code == 200
+        with closing(login(gw, "worker", "worker-password-1")) as session:
+            assert session.get("/.garrison/metrics").status_code == 403
+        # Refused (127.0.0.1 is not listed here): nothing, a non-admin, a bad credential.
+        for key in (None, plain_key, plain_jwt, "gk_not_a_real_key", "not-a-jwt"):
             with closing(client(gw, key)) as c:
                 refused = c.get("/.garrison/metrics")
             assert refused.status_code == 403, key
             assert b"garrison_" not in refused.content
             assert refused.json()["error"]["code"] == "forbidden"
+
+
+def token(gw: GatewayProcess, user: str) -> str:
+    with closing(client(gw)) as c:
+        resp = c.post(
+            "/.garrison/token",
+            data={"grant_type": "password", "username": user, "password": f"{user}-password-1"},
+        )
+    assert resp.status_code == 200, resp.text
+    return str(resp.json()["access_token"])
 
 
 def test_default_allows_loopback(gw: GatewayProcess) -> None:
