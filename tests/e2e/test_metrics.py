@@ -305,3 +305,6 @@ def test_two_workers_sum_into_one_scrape(
         # A worker adds its requests into the shared files at most FLUSH_SECONDS later.
         assert wait_until(lambda: counted() == HELD_CONNECTIONS, timeout=FLUSH_WAIT_S)
         assert [counted() for _ in range(6)] == [HELD_CONNECTIONS] * 6
+        # Live gauges are summed over the workers' files too (nothing held now: 0 each).
+        live = {n for n, _lab, v in samples(scrape(gw)) if v == 0}
+        assert "garrison_limit_slots_held" in live
