@@ -698,6 +698,46 @@ class TlsConfig(_Model):
             raise ValueError('source = "files" needs [tls.files] cert and key paths')
 
 
+class AuditConfig(_Model):
+    """[audit]: the security record (decisions, logins, changes), separate from the access log.
+
+    Secure by default: a 0600 file in the data dir, request bodies never stored. Lines are
+    written in batches (every 200 ms or 64 KiB) and fsynced at most every `fsync_interval`;
+    `fsync = "always"` writes and fsyncs each decision before the client gets the answer."""
+
+    sink: Literal["file", "stdout", "syslog", "off"] = "file"
+    path: Path | None = None  # default: <data dir>/audit.log
+    max_size: Size = 100 * 1024**2
+    keep: int = Field(default=10, ge=1, le=1000)
+    fsync: Literal["never", "interval", "always"] = "interval"
+    fsync_interval: Duration = 1.0
+    bodies: Literal["none", "hash", "full"] = "none"
+    requests: Literal["all", "refused", "none"] = "all"
+    syslog_address: str = "/dev/log"
+
+    @field_validator("max_size")
+    @classmethod
+    def _max_size(cls, value: int) -> int:
+        if value and value < 4096:
+            raise ValueError("at least 4KiB (or 0 for no rotation)")
+        return value
+
+    @field_validator("fsync_interval")
+    @classmethod
+    def _interval(cls, value: float) -> float:
+        if not 0.001 <= value <= 3600:
+            raise ValueError("between 1ms and 1h")
+        return value
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.sink != "file" and self.path is not None:
+            raise ValueError(f'path is for sink = "file", not {self.sink!r}')
+        if self.sink != "file" and self.fsync == "always":
+            raise ValueError(
+                'fsync = "always" needs sink = "file" (stdout and syslog cannot fsync)'
+            )
+
+
 class MetricsConfig(_Model):
     """[metrics]: who may scrape /.garrison/metrics. Secure by default: loopback only.
 
@@ -727,6 +767,7 @@ class Config(_Model):
     upstream: list[UpstreamConfig] = Field(default_factory=list)
     route: list[RouteConfig] = Field(default_factory=list)
     tls: TlsConfig = Field(default_factory=TlsConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     def upstream_by_name(self, name: str) -> UpstreamConfig:

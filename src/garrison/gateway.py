@@ -29,6 +29,7 @@ from garrison.limits.fair import FairGate
 from garrison.limits.memory import MemoryBackend
 from garrison.limits.model import Backend
 from garrison.observe.accesslog import AccessLog
+from garrison.observe.audit import AuditLog
 from garrison.pki.ca import CertificateAuthority, read_passphrase_file
 from garrison.pki.client_certs import ClientCerts
 from garrison.pki.handshake_trace import HandshakeTracer
@@ -128,6 +129,7 @@ class Gateway:
         self.config = config
         self.data_dir = data_dir
         self.access_log = AccessLog(config.server.access_log)
+        self.audit = AuditLog(config.audit, data_dir)
         self.ca: CertificateAuthority | None = None
         self.server_cert: ServerCertificate | None = None
         self.ssl_context: ssl.SSLContext | None = None
@@ -168,7 +170,7 @@ class Gateway:
         )
         self.live_cert = LiveCertificate(self.ssl_context, cert_path, key_path)
         if self.config.client_certs.mode != "off":
-            HandshakeTracer(self.access_log.audit).install(self.ssl_context)
+            HandshakeTracer(self.audit).install(self.ssl_context)
         self._loaded_pem = self.server_cert.cert_path.read_bytes()
         self.auth = AuthService(
             open_store(default_url(self.data_dir)), self.config.auth, self.config.client_certs
@@ -215,13 +217,13 @@ class Gateway:
         names = list(self.acme.config.names)
         if outcome.renewed:
             state = self.acme.live.read_state()
-            self.access_log.audit(
+            self.audit.event(
                 "acme_certificate",
                 {"stage": stage, "names": names, "serial": state.serial, "until": state.not_after},
             )
             self._swap()
         elif outcome.error:
-            self.access_log.audit(
+            self.audit.event(
                 "acme_failure", {"stage": stage, "names": names, "error": outcome.error}
             )
 
@@ -271,6 +273,7 @@ class Gateway:
             self._crl_builder(),
             self.limits_backend,
             self.gates,
+            self.audit,
         )
 
     def _crl_builder(self) -> Callable[[], bytes] | None:
@@ -311,6 +314,14 @@ class Gateway:
             self.access_log = AccessLog(config.server.access_log)
         else:
             self.access_log.reopen()
+        if config.audit != self.config.audit:
+            try:
+                self.audit.configure(config.audit)  # in place: every holder sees the new sink
+            except OSError as exc:
+                log.error("reload refused, cannot open the audit log: %s", exc)
+                return False
+        else:
+            self.audit.reopen()
         self.state.runtime = self._build_runtime(config)
         self.config = config
         old.close()
@@ -371,6 +382,7 @@ class Gateway:
             await self.auth.stop()
         await self.limits_backend.close()
         self.access_log.flush()
+        self.audit.close()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

@@ -16,6 +16,7 @@ from garrison.limits.fair import FairGate
 from garrison.limits.memory import MemoryBackend
 from garrison.limits.model import Backend, Budget, Rate
 from garrison.observe.accesslog import AccessLog
+from garrison.observe.audit import AuditLog
 from garrison.pipeline.auth_endpoints import AuthEndpoints
 from garrison.pipeline.authorise import Authorise
 from garrison.pipeline.client_cert import ClientCertCheck
@@ -45,6 +46,7 @@ class Runtime:
     max_headers: int
     access_log: AccessLog
     endpoints: GatewayEndpoints
+    audit: AuditLog
     client_certs: bool = False
 
     def close(self) -> None:
@@ -93,6 +95,7 @@ def build_runtime(
     build_crl: Callable[[], bytes] | None = None,
     limits_backend: Backend | None = None,
     gates: dict[str, FairGate] | None = None,
+    audit: AuditLog | None = None,
 ) -> Runtime:
     """Build the pipeline and pools for `config` (the request path's shape lives here)."""
     pools = {
@@ -101,8 +104,9 @@ def build_runtime(
         )
         for u in config.upstream
     }
+    audit = audit if audit is not None else AuditLog.disabled()
     endpoints = GatewayEndpoints()
-    auth_endpoints = AuthEndpoints(auth)
+    auth_endpoints = AuthEndpoints(auth, audit)
     auth_endpoints.register(endpoints)
     PkiEndpoints(auth.revocation, build_crl).register(endpoints)
     MetricsEndpoint(config.metrics, auth).register(endpoints)
@@ -111,9 +115,7 @@ def build_runtime(
     forwarding = Forwarding(config.server.trusted_proxies)
     client_certs = config.client_certs.mode != "off"
     cert_check = (
-        [ClientCertCheck(config.client_certs, auth.revocation, access_log.audit)]
-        if client_certs
-        else []
+        [ClientCertCheck(config.client_certs, auth.revocation, audit)] if client_certs else []
     )
     pipeline = Pipeline(
         [
@@ -141,5 +143,6 @@ def build_runtime(
         max_headers=config.server.max_headers,
         access_log=access_log,
         endpoints=endpoints,
+        audit=audit,
         client_certs=client_certs,
     )

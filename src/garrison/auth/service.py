@@ -280,6 +280,12 @@ class AuthService:
         cookie, _record = await asyncio.to_thread(self.sessions.create, user.name, now)
         return cookie, user
 
+    def session_user(self, cookie: str) -> str | None:
+        """Whose session this cookie is, when this worker has it cached (no store read)."""
+        id_hash = self.sessions.parse_cookie(cookie)
+        cached = self._sessions.get(id_hash) if id_hash else None
+        return cached[1].name if cached else None
+
     async def logout(self, cookie: str, everywhere: bool = False) -> None:
         """End this session (or every session of its user) on every worker."""
         id_hash = self.sessions.parse_cookie(cookie)

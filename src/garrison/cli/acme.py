@@ -21,6 +21,7 @@ from garrison.acme.storage import iso, parse_iso, san_names
 from garrison.cli.options import config_option, data_dir_option
 from garrison.config import Config, ConfigError
 from garrison.gateway import resolve_data_dir
+from garrison.observe.audit import cli_event
 from garrison.process import configure_logging
 
 
@@ -55,6 +56,11 @@ def _manager(config_file: Path | None, data_dir: Path | None) -> tuple[Config, A
     return config, AcmeManager(resolve_data_dir(data_dir), config.tls.acme)
 
 
+def _audit(config: Config, manager: AcmeManager, event: str, **fields: object) -> None:
+    """An audit line for what this command did (the gateway records its own renewals)."""
+    cli_event(manager.data_dir, event, fields, config.audit)
+
+
 @click.group()
 def acme() -> None:
     """Public certificates from an ACME CA (Let's Encrypt, step-ca, ...)."""
@@ -72,10 +78,21 @@ def _run(config: Config, manager: AcmeManager, force: bool, source: str) -> None
             outcome = manager.ensure(force=force, source=source)
     except OSError as exc:
         _fail_os(exc, config)
+    names = list(manager.config.names)
     if outcome.error:
+        _audit(config, manager, "acme_failure", stage=source, names=names, error=outcome.error)
         _fail(f"ACME {source} failed: {outcome.error}")
     if outcome.renewed:
         state = manager.live.read_state()
+        _audit(
+            config,
+            manager,
+            "acme_certificate",
+            stage=source,
+            names=names,
+            serial=state.serial,
+            until=state.not_after,
+        )
         click.echo(
             f"garrison: certificate for {', '.join(state.names)} stored in "
             f"{manager.live.chain_path}, valid until {state.not_after}"
@@ -177,4 +194,5 @@ def revoke_cmd(data_dir: Path | None, config_file: Path | None) -> None:
         _fail(str(exc))
     except OSError as exc:
         _fail_os(exc, config)
+    _audit(config, manager, "acme_revoked", serial=f"{leaf.serial_number:x}", names=list(cfg.names))
     click.echo(f"garrison: certificate {leaf.serial_number:x} revoked; run `garrison acme renew`")

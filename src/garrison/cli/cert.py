@@ -24,6 +24,7 @@ from garrison.cli.options import data_dir_option
 from garrison.config import parse_duration
 from garrison.fsutil import atomic_write, ensure_private_dir
 from garrison.gateway import resolve_data_dir
+from garrison.observe.audit import cli_event
 from garrison.pki.client_certs import (
     NAME_RE,
     REVOCATION_REASONS,
@@ -140,6 +141,19 @@ def _report(verb: str, record: IssuedCert, paths: dict[str, Path]) -> None:
         click.echo(f"  {path}")
 
 
+def _audit(data_dir: Path | None, event: str, record: IssuedCert, **extra: object) -> None:
+    """An audit line for a certificate change (never the key or the PKCS#12 password)."""
+    fields: dict[str, object] = {
+        "name": record.name,
+        "serial": record.serial_hex,
+        "roles": list(record.roles),
+        "email": record.email,
+        "until": int(record.not_after),
+        **extra,
+    }
+    cli_event(resolve_data_dir(data_dir), event, fields)
+
+
 def _out_dir(out: Path | None) -> Path:
     directory = Path.cwd() if out is None else out
     try:
@@ -200,6 +214,7 @@ def issue(
     with _certs(data_dir, passphrase_file) as certs:
         record, cert_pem, key_pem = certs.issue(name, email=email, roles=roles, days=days)
         ca_pem = certs.ca.cert_pem()
+    _audit(data_dir, "cert_issued", record)
     _write(paths, name, cert_pem, key_pem, ca_pem, password)
     _report("issued", record, paths)
 
@@ -243,6 +258,8 @@ def revoke(
     """Revoke one certificate (SERIAL) or every live certificate of NAME, at once."""
     with _certs(data_dir, passphrase_file) as certs:
         changed = certs.revoke(name_or_serial, reason)
+    for record in changed:
+        _audit(data_dir, "cert_revoked", record, reason=reason)
     if not changed:
         click.echo(f"nothing to revoke: {name_or_serial} is already revoked or expired", err=True)
     for record in changed:
@@ -278,6 +295,7 @@ def renew(
     with _certs(data_dir, passphrase_file) as certs:
         record, cert_pem, key_pem = certs.renew(name, grace_seconds=grace_seconds, days=days)
         ca_pem = certs.ca.cert_pem()
+    _audit(data_dir, "cert_renewed", record, grace_s=int(grace_seconds))
     _write(paths, name, cert_pem, key_pem, ca_pem, password)
     _report("renewed", record, paths)
     if grace_seconds > 0:

@@ -22,6 +22,7 @@ from garrison.cli.options import data_dir_option
 from garrison.config import parse_duration
 from garrison.fsutil import ensure_private_dir
 from garrison.gateway import resolve_data_dir
+from garrison.observe.audit import cli_event
 from garrison.store.db import default_url, open_store
 
 
@@ -92,6 +93,19 @@ def create(
         record, full_key = keys.create(
             name, scopes, expires_in=expires_in, owner=owner, rate=rates or None, tokens=tokens
         )
+    cli_event(
+        resolve_data_dir(data_dir),
+        "key_created",
+        {
+            "key_id": record.id,
+            "key_name": record.name,
+            "owner": record.owner,
+            "scopes": list(record.scopes),
+            "expires": int(record.expires_at) if record.expires_at else None,
+            "rate": list(record.rate or ()),
+            "tokens": record.tokens,
+        },
+    )
     click.echo(full_key)
     click.echo(
         f"created API key {record.id} ({record.name}) scopes={','.join(record.scopes)} "
@@ -136,6 +150,9 @@ def revoke(key_id: str, data_dir: Path | None) -> None:
     """Revoke a key at once (repeating it is harmless)."""
     with _keys(data_dir) as keys:
         record = keys.revoke(key_id)
+    cli_event(
+        resolve_data_dir(data_dir), "key_revoked", {"key_id": record.id, "key_name": record.name}
+    )
     click.echo(f"revoked API key {record.id} ({record.name}) at {_when(record.revoked_at)}")
 
 
@@ -148,6 +165,11 @@ def rotate(key_id: str, grace: str, data_dir: Path | None) -> None:
     grace_seconds = _duration("--grace", grace) or 0.0
     with _keys(data_dir) as keys:
         full_key = keys.rotate(key_id, grace_seconds)
+    cli_event(
+        resolve_data_dir(data_dir),
+        "key_rotated",
+        {"key_id": key_id, "grace_s": int(grace_seconds)},
+    )
     click.echo(full_key)
     if grace_seconds > 0:
         until = _when(time.time() + grace_seconds)

@@ -13,6 +13,7 @@ from garrison.auth.users import UserError
 from garrison.cli.options import config_option, data_dir_option
 from garrison.config import Config, ConfigError
 from garrison.gateway import UpOptions, prepare_certificates, resolve_data_dir
+from garrison.observe.audit import audit_path, open_sink, warn_full_bodies
 from garrison.pki.ca import CAError
 from garrison.pki.server_cert import ServerCertificate
 from garrison.pki.tls import TLSConfigError, server_context
@@ -107,6 +108,7 @@ def up(
             sys.exit(1)
         say(f"CA certificate (trust this): {ca.cert_path}")
         _announce_certificate(config, cert)
+        _announce_audit(config, directory)
         for route in config.route:
             target = config.upstream_by_name(route.upstream).url
             access = "public" if route.public else "auth " + "|".join(route.auth)
@@ -146,6 +148,28 @@ def _announce_certificate(config: Config, cert: ServerCertificate) -> None:
         )
 
 
+def _announce_audit(config: Config, directory: Path) -> None:
+    """Say where the audit log goes; an unusable audit file stops the start, in one line."""
+    audit = config.audit
+    if audit.sink == "file":
+        path = audit_path(audit, directory)
+        try:
+            sink = open_sink(audit, directory)
+        except OSError as exc:
+            click.echo(
+                f"garrison: cannot open the audit log {path}: {exc.strerror or exc}", err=True
+            )
+            sys.exit(1)
+        if sink is not None:
+            sink.close()
+        say(f"audit log {path} (fsync {audit.fsync}, bodies {audit.bodies})")
+    elif audit.sink == "off":
+        say('audit log off ([audit] sink = "off")')
+    else:
+        say(f"audit log to {audit.sink} (bodies {audit.bodies})")
+    warn_full_bodies(audit, lambda text: click.echo(f"garrison: {text}", err=True))
+
+
 def _first_admin(directory: Path, password_file: Path | None) -> None:
     created = ensure_admin(directory, password_file)
     if created is None:
@@ -178,6 +202,7 @@ def check(config_file: Path | None) -> None:
             click.echo(problem, err=True)
         sys.exit(1)
     click.echo("config OK")
+    warn_full_bodies(parsed.audit, lambda text: click.echo(text, err=True))
     from garrison.pipeline.cors import describe
 
     for line in describe(parsed):  # who may read what from another origin: worth a look

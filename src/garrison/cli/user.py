@@ -20,6 +20,7 @@ from garrison.auth.users import User, UserError, Users
 from garrison.cli.options import data_dir_option
 from garrison.fsutil import ensure_private_dir
 from garrison.gateway import resolve_data_dir
+from garrison.observe.audit import cli_event
 from garrison.store.db import default_url, open_store
 
 password_stdin_option = click.option(
@@ -86,6 +87,11 @@ def add(
     password = _read_password() if password_stdin else generate_password()
     with _users(data_dir) as accounts:
         accounts.add(name, password, roles=roles, email=email)
+    cli_event(
+        resolve_data_dir(data_dir),
+        "user_added",
+        {"user": name, "roles": list(roles), "email": email},
+    )
     if password_stdin:
         click.echo(f"added user {name!r}", err=True)
     else:
@@ -114,6 +120,7 @@ def disable(name: str, data_dir: Path | None) -> None:
     """Refuse all logins by this user until enabled again."""
     with _users(data_dir) as accounts:
         accounts.disable(name)
+    cli_event(resolve_data_dir(data_dir), "user_disabled", {"user": name})
     click.echo(f"disabled user {name!r}", err=True)
 
 
@@ -124,6 +131,7 @@ def enable(name: str, data_dir: Path | None) -> None:
     """Allow a disabled user to log in again."""
     with _users(data_dir) as accounts:
         accounts.enable(name)
+    cli_event(resolve_data_dir(data_dir), "user_enabled", {"user": name})
     click.echo(f"enabled user {name!r}", err=True)
 
 
@@ -138,6 +146,7 @@ def passwd(name: str, password_stdin: bool, data_dir: Path | None) -> None:
             raise UserError(f"no such user {name!r}")
         password = _read_password() if password_stdin else generate_password()
         accounts.set_password(name, password)
+    cli_event(resolve_data_dir(data_dir), "user_password_changed", {"user": name})
     if password_stdin:
         click.echo(f"password changed for {name!r}", err=True)
     else:
@@ -160,6 +169,11 @@ def set_limits(
         _fail("give --rate and/or --tokens, or --clear")
     with _users(data_dir) as accounts:
         accounts.set_limits(name, None if clear else rates, None if clear else tokens)
+    cli_event(
+        resolve_data_dir(data_dir),
+        "user_limits_changed",
+        {"user": name, "rate": list(rates), "tokens": tokens},
+    )
     shown = "route defaults" if clear else f"rate={','.join(rates) or '-'} tokens={tokens or '-'}"
     click.echo(f"limits of {name!r}: {shown}", err=True)
 
@@ -177,4 +191,7 @@ def set_roles(name: str, roles: tuple[str, ...], clear: bool, data_dir: Path | N
         _fail("give at least one --set ROLE, or --clear to remove all roles")
     with _users(data_dir) as accounts:
         accounts.set_roles(name, () if clear else roles)
+    cli_event(
+        resolve_data_dir(data_dir), "user_roles_changed", {"user": name, "roles": list(roles)}
+    )
     click.echo(f"roles of {name!r}: {','.join(roles) or '-'}", err=True)

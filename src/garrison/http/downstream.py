@@ -383,6 +383,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def _send_error(self, ex: Exchange, reply: Reply) -> None:
         self.state.runtime.access_log.reply(ex, reply, self.state.runtime)
         request_metrics.observe_reply(ex, reply)
+        self.state.runtime.audit.reply(ex, reply)
         self.send_reply(reply, close=True)
 
     # One lazy timer per connection. It never fires later than header_read from when it was

@@ -77,6 +77,9 @@ class InFlight:
         self._tunnel = False
         self._body_waiter: asyncio.Future[None] | None = None
         self._observer = None
+        self._audited = False
+        # SHA-256 of the body as it streams (audit bodies = "hash"); None costs one test per chunk.
+        self.digest = self.runtime.audit.body_digest() if has_body else None
         ex.body_source = self
 
     # -- phase 1: the pipeline ----------------------------------------------------------------
@@ -242,6 +245,8 @@ class InFlight:
     def request_body(self, data: bytes) -> None:
         """A piece of the request body from the client."""
         self.body_received += len(data)
+        if self.digest is not None:
+            self.digest.update(data)
         if self.done:
             return
         if self.conn is not None:
@@ -279,6 +284,10 @@ class InFlight:
         self.status = status
         self.upstream_headers_at = time.monotonic()
         ex = self.ex
+        audit = self.runtime.audit
+        if audit.always:  # on disk before the client sees the answer (bytes are not known yet)
+            self._audited = True
+            audit.request(ex, status, refused=False, digest=self.digest)
         security = self.runtime.security_headers
         if upgrade:
             if self.upgrade is None:
@@ -441,6 +450,9 @@ class InFlight:
         )
         self.runtime.access_log.reply(self.ex, reply, self.runtime)
         request_metrics.observe_reply(self.ex, reply)
+        if not self._audited:
+            self._audited = True
+            self.runtime.audit.reply(self.ex, reply, self.digest)
         self._run_finish_hooks()
         self.down.send_reply(
             reply,
@@ -469,3 +481,13 @@ class InFlight:
         request_metrics.observe(
             self.ex, self.status, headers_at - self.upstream_started if headers_at else None
         )
+        if not self._audited:
+            self._audited = True
+            self.runtime.audit.request(
+                self.ex,
+                self.status,
+                refused=False,
+                bytes_out=self.bytes_out,
+                digest=self.digest,
+                error=error,
+            )

@@ -2,7 +2,8 @@
 
 Only the normalised path is logged, never the query string (tokens travel there), headers,
 cookies or bodies. Lines are buffered and written at most every 200 ms or every 64 KiB so the hot
-path pays for a dict and a json.dumps, not for a system call.
+path pays for a dict and a json.dumps, not for a system call. This is the operational log;
+security decisions and changes go to the audit log (observe/audit.py, `[audit]`).
 """
 
 from __future__ import annotations
@@ -96,12 +97,6 @@ class AccessLog:
 
     def _write(self, record: dict[str, object]) -> None:
         self._append(json.dumps(record, separators=(",", ":")) + "\n")
-
-    def audit(self, event: str, fields: dict[str, object]) -> None:
-        """A security decision worth keeping (a refused certificate, ...), as a JSON line in
-        the same stream, marked `"type": "audit"` (issue 7 gives audit its own sink)."""
-        record = {"ts": _now_iso(), "type": "audit", "event": event, **fields}
-        self._append(json.dumps(record, separators=(",", ":"), default=str) + "\n")
 
     def _append(self, line: str) -> None:
         self._buffer.append(line)

@@ -20,6 +20,7 @@ from garrison.auth.identity import Identity
 from garrison.auth.pages import login_page, logout_page
 from garrison.auth.service import AuthFailure, AuthService
 from garrison.auth.sessions import COOKIE
+from garrison.observe.audit import AuditLog
 from garrison.pipeline.endpoints import GatewayEndpoints
 from garrison.pipeline.exchange import BodyTooLarge, Exchange, Reply, error_reply
 
@@ -59,6 +60,7 @@ def _html(status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = 
 
 def _oauth_error(status: int, error: str, description: str) -> Reply:
     reply = Reply.json(status, {"error": error, "error_description": description})
+    reply.code = error
     if status == 401:
         reply.headers.append((b"www-authenticate", b'Basic realm="garrison"'))
     return reply
@@ -82,8 +84,14 @@ def _params(ex: Exchange, body: bytes) -> dict[str, str]:
 class AuthEndpoints:
     """Registers the handlers on the gateway's endpoint router."""
 
-    def __init__(self, auth: AuthService) -> None:
+    def __init__(self, auth: AuthService, audit: AuditLog | None = None) -> None:
         self.auth = auth
+        self.audit = audit if audit is not None else AuditLog.disabled()
+
+    def _account(self, typed: str) -> str | None:
+        """The account a login named, for the audit line; None when no such account exists:
+        people type passwords into the user name field, and that must not reach a log."""
+        return typed if typed in self.auth.directory else None
 
     def register(self, endpoints: GatewayEndpoints) -> None:
         endpoints.add("/.garrison/login", self.login)
@@ -133,12 +141,15 @@ class AuthEndpoints:
                 next_path, username, f"Too many failed attempts; wait {int(wait) + 1} s.", 429
             )
             reply.headers.append((b"retry-after", str(int(wait) + 1).encode()))
+            self._login_event(ex, "login_blocked", username, "ip_backoff", wait_s=int(wait) + 1)
             return reply
         result = await self.auth.login(username, fields.get("password", ""), now)
         if result is None:
             self.auth.ip_failed(ex.client_ip or ex.peer_ip, now)
+            self._login_event(ex, "login_failed", username, "bad_credentials")
             return self._form(next_path, username, LOGIN_FAILED, 401)
         self.auth.ip_succeeded(ex.client_ip or ex.peer_ip)
+        self._login_event(ex, "login_ok", result[1].name, "")
         old = ex.cookie(COOKIE)
         if old:
             await self.auth.logout(old)  # a fresh id at every login (no session fixation)
@@ -154,6 +165,19 @@ class AuthEndpoints:
                 (b"set-cookie", _cookie(CSRF_COOKIE, "", 0, same_site="Strict")),
             ],
         )
+
+    def _login_event(
+        self, ex: Exchange, event: str, typed: str, reason: str, **extra: object
+    ) -> None:
+        fields: dict[str, object] = {
+            "user": self._account(typed),
+            "client_ip": ex.client_ip or ex.peer_ip,
+            "path": ex.path,
+            **extra,
+        }
+        if reason:
+            fields["reason"] = reason
+        self.audit.event(event, fields)
 
     # -- logout ---------------------------------------------------------------------------------
     def logout(self, ex: Exchange) -> Reply | Any:
@@ -173,7 +197,12 @@ class AuthEndpoints:
         cookie = ex.cookie(COOKIE)
         if cookie:
             everywhere = fields.get("everywhere") in ("1", "true", "on")
+            user = self.auth.session_user(cookie)
             await self.auth.logout(cookie, everywhere=everywhere)
+            self.audit.event(
+                "logout",
+                {"user": user, "client_ip": ex.client_ip or ex.peer_ip, "everywhere": everywhere},
+            )
         return Reply(
             303,
             b"",
@@ -218,15 +247,23 @@ class AuthEndpoints:
         if wait > 0:
             reply = _oauth_error(429, "slow_down", "too many failed attempts from this address")
             reply.headers.append((b"retry-after", str(int(wait) + 1).encode()))
+            self._token_event(
+                ex, "token_refused", fields.get("username", ""), "password", "ip_backoff"
+            )
             return reply
         user = await self.auth.check_password(
             fields.get("username", ""), fields.get("password", ""), now
         )
         if user is None:
             self.auth.ip_failed(ip, now)
+            self._token_event(
+                ex, "token_refused", fields.get("username", ""), "password", "bad_credentials"
+            )
             return _oauth_error(400, "invalid_grant", "invalid user name or password")
         self.auth.ip_succeeded(ip)
-        return self._issued(user.name, user.roles, user.email, requested)
+        reply = self._issued(user.name, user.roles, user.email, requested)
+        self._token_event(ex, "token_issued", user.name, "password", "", scopes=requested)
+        return reply
 
     async def _client_grant(
         self, ex: Exchange, fields: dict[str, str], requested: list[str] | None
@@ -236,13 +273,36 @@ class AuthEndpoints:
             result = self.auth.identify_key(secret, time.time())
             ident: Identity = result if isinstance(result, Identity) else await result
         except AuthFailure as exc:
+            self._token_event(ex, "token_refused", "", "client_credentials", str(exc))
             return _oauth_error(401, "invalid_client", str(exc))
         granted = sorted(ident.scopes or ())
+        key = {"key_id": ident.key_id}
         if requested is not None:
             if not set(requested) <= set(granted):
+                self._token_event(
+                    ex, "token_refused", ident.name, "client_credentials", "invalid_scope", **key
+                )
                 return _oauth_error(400, "invalid_scope", "the key does not hold these scopes")
             granted = requested
-        return self._issued(ident.name, ident.roles, ident.email, granted)
+        reply = self._issued(ident.name, ident.roles, ident.email, granted)
+        self._token_event(
+            ex, "token_issued", ident.name, "client_credentials", "", scopes=granted, **key
+        )
+        return reply
+
+    def _token_event(
+        self, ex: Exchange, event: str, who: str, grant: str, reason: str, **extra: object
+    ) -> None:
+        fields: dict[str, object] = {
+            "identity": who if who.startswith("key:") else self._account(who),
+            "grant": grant,
+            "client_ip": ex.client_ip or ex.peer_ip,
+            "path": ex.path,
+            **extra,
+        }
+        if reason:
+            fields["reason"] = reason
+        self.audit.event(event, fields)
 
     def _issued(
         self, subject: str, roles: tuple[str, ...], email: str | None, scopes: list[str] | None

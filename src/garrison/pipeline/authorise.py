@@ -80,7 +80,13 @@ class Authorise(Stage):
         if "session" in route.methods and ex.method in ("GET", "HEAD") and ex.wants_html():
             target = ex.path + ("?" + ex.query.decode("latin-1") if ex.query else "")
             location = f"{LOGIN_PATH}?next={quote(target, safe='')}"
-            return Reply(302, b"", b"text/plain", [(b"location", location.encode("ascii"))])
+            return Reply(
+                302,
+                b"",
+                b"text/plain",
+                [(b"location", location.encode("ascii"))],
+                code="login_required",
+            )
         reply = error_reply(401, "authentication_required", _needs(route), html=False)
         reply.headers.append((b"www-authenticate", b'Bearer realm="garrison"'))
         return reply

@@ -129,6 +129,7 @@ def refusal(decision: Decision, ex: Exchange) -> Reply:
             429,
             {"error": {"code": code, "message": message, "limit": hit, "retry_after": retry}},
         )
+        reply.code = f"{code} ({hit})"  # the audit line's reason
     reply.headers.append((b"retry-after", str(retry).encode()))
     ex.response_head_extra += rate_headers(decision.info)
     return reply
