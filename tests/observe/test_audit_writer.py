@@ -16,6 +16,7 @@ from garrison.config import AuditConfig, ConfigError, validate
 from garrison.observe.audit import FULL_BODY_MAX, AuditLog, BodyDigest
 from garrison.observe.audit_sink import FileSink
 from garrison.pipeline.exchange import Exchange, error_reply
+from garrison.pipeline.limits import TokenMeter
 
 
 def lines_of(directory: Path, name: str = "audit.log") -> list[str]:
@@ -184,6 +185,24 @@ def test_request_lines_parse_and_refused_mode_filters(tmp_path: Path) -> None:
     assert record["decision"] == "refused" and record["reason"] == "forbidden_role"
     assert record["stage"] == "authorise" and record["status"] == 403
     assert record["path"] == '/odd "path"\\with\u00e9'
+
+
+def test_request_lines_carry_the_tokens_a_budget_counted(tmp_path: Path) -> None:
+    meter = TokenMeter(strip=False)
+    meter.begin(b"application/json")
+    body = b'{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}'
+    assert meter.feed(body) == body
+    meter.end()
+    audit = AuditLog(AuditConfig(fsync="always"), tmp_path)
+    ex = _exchange("/v1/chat/completions")
+    ex.stage = ""
+    ex.response_observer = meter
+    audit.request(ex, 200, refused=False, bytes_out=len(body))
+    audit.request(ex, 200, refused=False)  # written at the head (always): not counted yet
+    audit.close()
+    first, second = (json.loads(x) for x in lines_of(tmp_path))
+    assert first["tokens"] == 12 and first["bytes_out"] == len(body)
+    assert "tokens" not in second and "bytes_out" not in second
 
 
 def test_syslog_sink_sends_one_datagram_per_line(tmp_path: Path) -> None:

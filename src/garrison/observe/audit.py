@@ -239,6 +239,7 @@ class AuditLog:
             f'"path":{_json_str(ex.path[:1024]) if ex.path else "null"}{who},'
             f'"duration_ms":{(time.monotonic() - ex.started) * 1000:.3f}'
             + (f',"bytes_out":{bytes_out}' if bytes_out is not None else "")
+            + (_tokens(ex) if bytes_out is not None and ex.response_observer is not None else "")
             + (digest.fields() if digest is not None else "")
             + (f',"error":{_json_str(error)}' if error else "")
             + "}\n"
@@ -356,6 +357,12 @@ class AuditLog:
             self._sync_timer = None
         if self.sink is not None:
             self.sink.close()
+
+
+def _tokens(ex: Exchange) -> str:
+    """LLM tokens the response used, when a token budget's meter counted them (at the end)."""
+    tokens = getattr(ex.response_observer, "tokens", None)
+    return f',"tokens":{int(tokens)}' if isinstance(tokens, int) else ""
 
 
 def warn_full_bodies(config: AuditConfig, say: Callable[[str], None]) -> None:
