@@ -308,12 +308,6 @@ class Gateway:
         except (TLSConfigError, OSError, ValueError) as exc:
             log.error("reload refused, certificate problem: %s", exc)
             return False
-        old = self.state.runtime
-        if config.server.access_log != self.config.server.access_log:
-            self.access_log.flush()
-            self.access_log = AccessLog(config.server.access_log)
-        else:
-            self.access_log.reopen()
         if config.audit != self.config.audit:
             try:
                 self.audit.configure(config.audit)  # in place: every holder sees the new sink
@@ -322,6 +316,12 @@ class Gateway:
                 return False
         else:
             self.audit.reopen()
+        old = self.state.runtime
+        if config.server.access_log != self.config.server.access_log:
+            self.access_log.flush()
+            self.access_log = AccessLog(config.server.access_log)
+        else:
+            self.access_log.reopen()
         self.state.runtime = self._build_runtime(config)
         self.config = config
         old.close()

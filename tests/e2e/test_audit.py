@@ -419,3 +419,31 @@ def test_config_mistakes_are_clear(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"cannot open the audit log {blocker}/audit.log" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_reload_moves_the_audit_log_and_refuses_an_unusable_one(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    gw = start(tmp_path, config(upstream.url, ""))
+    moved = tmp_path / "moved" / "audit.log"
+    try:
+        with httpx.Client(base_url=gw.url, verify=client_context(gw), timeout=30) as c:
+            assert c.get("/public/before").status_code == 200
+            gw.config_path.write_text(config(upstream.url, f'path = "{moved}"\nfsync = "always"'))
+            gw.signal(signal.SIGHUP)
+            gw.wait_for_line("configuration reloaded")
+            assert c.get("/public/after").status_code == 200
+            assert [r["path"] for r in audit_records(moved.parent) if "path" in r] == [
+                "/public/after"
+            ]  # at once: fsync = "always" now
+            blocker = tmp_path / "file"
+            blocker.write_text("")
+            gw.config_path.write_text(config(upstream.url, f'path = "{blocker}/audit.log"'))
+            gw.signal(signal.SIGHUP)
+            gw.wait_for_line("reload refused, cannot open the audit log")
+            assert c.get("/public/still").status_code == 200
+    finally:
+        assert gw.stop() == 0
+    old = [r["path"] for r in audit_records(gw.data_dir) if r["event"] == "request"]
+    assert old == ["/public/before"]
+    assert [r["path"] for r in audit_records(moved.parent)] == ["/public/after", "/public/still"]
