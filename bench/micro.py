@@ -25,6 +25,7 @@ from garrison.http.downstream import DownstreamProtocol
 from garrison.http.server import ServerState
 from garrison.http.upstream import UpstreamConnection
 from garrison.observe.accesslog import AccessLog
+from garrison.observe.audit import AuditLog
 from garrison.runtime import build_runtime
 from garrison.store.db import default_url, open_store
 
@@ -83,12 +84,14 @@ LIMITS = {
 }
 
 
-async def measure(count: int, profile: bool, auth: str = "none", limits: str = "none") -> float:
+async def measure(
+    count: int, profile: bool, auth: str = "none", limits: str = "none", audit: bool = False
+) -> float:
     """CPU µs per request through a route with `auth = [AUTH_METHODS[auth]]` and LIMITS[limits];
     with "key" or "jwt" every request carries `Authorization: Bearer` (the identity cached
     beforehand, as after the first request of a keep-alive run)."""
     with tempfile.TemporaryDirectory(prefix="garrison-micro-") as data_dir:
-        return await _measure(count, profile, Path(data_dir), auth, limits)
+        return await _measure(count, profile, Path(data_dir), auth, limits, audit)
 
 
 async def _identity(found: Identity | Awaitable[Identity]) -> Identity:
@@ -96,7 +99,9 @@ async def _identity(found: Identity | Awaitable[Identity]) -> Identity:
     return found if isinstance(found, Identity) else await found
 
 
-async def _measure(count: int, profile: bool, data_dir: Path, auth: str, limits: str) -> float:
+async def _measure(
+    count: int, profile: bool, data_dir: Path, auth: str, limits: str, audit: bool
+) -> float:
     route = {"path": "/", "upstream": "default", "auth": [AUTH_METHODS[auth]], **LIMITS[limits]}
     config = config_mod.validate(
         {
@@ -119,15 +124,25 @@ async def _measure(count: int, profile: bool, data_dir: Path, auth: str, limits:
             request = REQUEST.replace(
                 b"\r\n\r\n", b"\r\nAuthorization: Bearer " + credential.encode() + b"\r\n\r\n"
             )
-        return _run(count, profile, config, service, request)
+        log = AuditLog(config.audit, data_dir) if audit else None  # the default [audit] file
+        try:
+            return _run(count, profile, config, service, request, log)
+        finally:
+            if log is not None:
+                log.close()
     finally:
         engine.dispose()
 
 
 def _run(
-    count: int, profile: bool, config: config_mod.Config, auth: AuthService, request: bytes
+    count: int,
+    profile: bool,
+    config: config_mod.Config,
+    auth: AuthService,
+    request: bytes,
+    audit: AuditLog | None = None,
 ) -> float:
-    runtime = build_runtime(config, AccessLog("/dev/null"), auth)
+    runtime = build_runtime(config, AccessLog("/dev/null"), auth, audit=audit)
     pool = runtime.pools["default"]
     upstream = UpstreamConnection(pool)
     upstream_transport = MemoryTransport()
@@ -168,11 +183,14 @@ def main() -> None:
     parser.add_argument(
         "--limits", choices=sorted(LIMITS), default="none", help="what the route limits"
     )
+    parser.add_argument(
+        "--audit", action="store_true", help="with the default [audit] log (a file in a temp dir)"
+    )
     args = parser.parse_args()
-    per_request = uvloop.run(measure(args.count, args.profile, args.auth, args.limits))
+    per_request = uvloop.run(measure(args.count, args.profile, args.auth, args.limits, args.audit))
     print(
         f"{per_request:.1f} µs CPU per request (Python side, no I/O, auth {args.auth}, "
-        f"limits {args.limits})"
+        f"limits {args.limits}, audit {'on' if args.audit else 'off'})"
     )
 
 
