@@ -758,6 +758,24 @@ class MetricsConfig(_Model):
         return value
 
 
+class AdminConfig(_Model):
+    """[admin]: the admin UI (/.garrison/admin/) and JSON API (/.garrison/api/).
+
+    Secure by default: only clients whose address (after trusted_proxies) is in `allow`
+    (loopback) reach it at all, and they must be users with role `admin` (an API key or a
+    scoped token must also carry scope `admin`). `require_client_cert` also asks for a valid
+    client certificate of the same user (needs [client_certs] mode optional or required)."""
+
+    enabled: bool = True
+    allow: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    require_client_cert: bool = False
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return MetricsConfig._networks(value)  # the same rule as [metrics] allow
+
+
 class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
@@ -769,6 +787,7 @@ class Config(_Model):
     tls: TlsConfig = Field(default_factory=TlsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
 
     def upstream_by_name(self, name: str) -> UpstreamConfig:
         return next(u for u in self.upstream if u.name == name)

@@ -274,6 +274,7 @@ class Gateway:
             self.limits_backend,
             self.gates,
             self.audit,
+            self.ca,
         )
 
     def _crl_builder(self) -> Callable[[], bytes] | None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from garrison import admin
+from garrison.admin.guard import AdminGuard
+from garrison.admin.service import AdminService
 from garrison.auth.service import AuthService
 from garrison.config import Config, TimeoutsConfig
 from garrison.http.upstream import UpstreamPool
@@ -32,6 +35,7 @@ from garrison.pipeline.pki_endpoints import PkiEndpoints
 from garrison.pipeline.routes import RouteTable
 from garrison.pipeline.routing import RouteMatch
 from garrison.pipeline.target import RequestTarget
+from garrison.pki.ca import CertificateAuthority
 
 
 @dataclass(slots=True)
@@ -96,6 +100,7 @@ def build_runtime(
     limits_backend: Backend | None = None,
     gates: dict[str, FairGate] | None = None,
     audit: AuditLog | None = None,
+    ca: CertificateAuthority | None = None,
 ) -> Runtime:
     """Build the pipeline and pools for `config` (the request path's shape lives here)."""
     pools = {
@@ -112,6 +117,12 @@ def build_runtime(
     MetricsEndpoint(config.metrics, auth).register(endpoints)
     backend = limits_backend or MemoryBackend()
     endpoints.add("/.garrison/limits", LimitsEndpoint(backend, [r.path for r in config.route]))
+    if config.admin.enabled:
+        admin.install(
+            endpoints,
+            AdminService(auth, audit, config, ca),
+            AdminGuard(config.admin, auth, audit),
+        )
     forwarding = Forwarding(config.server.trusted_proxies)
     client_certs = config.client_certs.mode != "off"
     cert_check = (
