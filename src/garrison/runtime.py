@@ -6,6 +6,7 @@ requests already in flight finish with the generation they started with.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ from garrison.pipeline.routes import RouteTable
 from garrison.pipeline.routing import RouteMatch
 from garrison.pipeline.target import RequestTarget
 from garrison.pki.ca import CertificateAuthority
+
+log = logging.getLogger("garrison")
 
 
 @dataclass(slots=True)
@@ -118,6 +121,11 @@ def build_runtime(
     backend = limits_backend or MemoryBackend()
     endpoints.add("/.garrison/limits", LimitsEndpoint(backend, [r.path for r in config.route]))
     if config.admin.enabled:
+        if config.admin.require_client_cert and config.client_certs.mode == "off":
+            log.warning(
+                "[admin] require_client_cert is set but [client_certs] mode is off: "
+                "no client certificate is ever asked for, so nobody can use the admin"
+            )
         admin.install(
             endpoints,
             AdminService(auth, audit, config, ca),

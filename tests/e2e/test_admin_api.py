@@ -184,6 +184,32 @@ def test_errors_are_json_and_precise(admin: httpx.Client) -> None:
     assert big.status_code == 413
 
 
+def test_require_client_cert_wants_the_admins_own_certificate(
+    tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream
+) -> None:
+    directory = tmp_path_factory.mktemp("admin-mtls")
+    text = config(upstream.url) + (
+        '[client_certs]\nmode = "optional"\n\n[admin]\nrequire_client_cert = true\n'
+    )
+    with running_gateway(directory, text) as g:
+        key = admin_key(g)
+        out = directory / "certs"
+        for name in ("admin", "nina"):
+            cli(g.data_dir, "cert", "issue", name, "--out", str(out))
+
+        def get(cert: str | None) -> int:
+            ctx = client_context(g)
+            if cert is not None:
+                ctx.load_cert_chain(out / f"{cert}.crt", out / f"{cert}.key")
+            headers = {"Authorization": f"Bearer {key}"}
+            with httpx.Client(base_url=g.url, verify=ctx, headers=headers, timeout=30) as c:
+                return c.get(f"{API}/users").status_code
+
+        assert get(None) == 403  # the admin's key alone is not enough
+        assert get("nina") == 403  # someone else's certificate neither
+        assert get("admin") == 200
+
+
 # -- acceptance 3: schemathesis against the OpenAPI document -----------------------------------
 @pytest.fixture(scope="module")
 def fuzz_gw(
