@@ -239,3 +239,13 @@ def test_overview_counts_and_expiries(world: World) -> None:
     assert kinds.index("key") < kinds.index("client")  # soonest first
     key = next(e for e in view.expiries if e.kind == "key")
     assert 4.9 < key.days_left <= 5
+
+
+def test_revoke_by_serial_never_hits_a_name_spelled_like_it(world: World) -> None:
+    svc, actor = world.service, world.actor
+    cert, _ = run(svc.issue_cert(actor, "carol", p12_password="p12-password"))
+    run(svc.issue_cert(actor, cert.serial, p12_password="p12-password"))  # a name = the serial
+    with pytest.raises(AdminError) as info:
+        run(svc.revoke_cert(actor, cert.serial))
+    assert info.value.code == "ambiguous"
+    assert {c.status for c in run(svc.list_certs())} == {"active"}

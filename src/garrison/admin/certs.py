@@ -86,6 +86,12 @@ class CertAdmin(ServiceBase):
 
         def revoke() -> tuple[IssuedCert, list[IssuedCert]]:
             record = _by_serial(certs, serial)
+            if certs.get(record.serial_hex).name == record.serial_hex:
+                # ClientCerts.revoke reads a name first: one spelled like this serial would
+                # be revoked instead. Refuse rather than guess.
+                raise AdminError(
+                    409, "ambiguous", "a certificate is named like this serial: use the CLI"
+                )
             return record, certs.revoke(record.serial_hex, reason)
 
         record, changed = await self._run(revoke)
