@@ -19,7 +19,7 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from pydantic import BaseModel, ValidationError
@@ -30,6 +30,9 @@ from garrison.admin.service import AdminError, AdminService
 from garrison.admin.views import CertView, KeyView, Overview, SessionView, UserView
 from garrison.auth.identity import Identity
 from garrison.pipeline.exchange import BodyTooLarge, Exchange, Reply
+
+if TYPE_CHECKING:
+    from garrison.pipeline.endpoints import GatewayEndpoints
 
 log = logging.getLogger("garrison.admin")
 
@@ -241,7 +244,7 @@ class AdminApi:
         self.guard = guard
         self._openapi: bytes | None = None
 
-    def register(self, endpoints: Any) -> None:
+    def register(self, endpoints: GatewayEndpoints) -> None:
         endpoints.add_prefix(PREFIX + "/", self)
 
     def routes(self) -> list[tuple[str, str]]:
