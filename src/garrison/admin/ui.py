@@ -68,11 +68,12 @@ AUDIT_KEYS = (
     "reason",
     "stage",
 )
-CERT_REASONS = (
+CERT_REASONS = (  # the CRL's reason codes, as the certificate store names them
     ("unspecified", "Unspecified"),
-    ("key_compromise", "Key compromise"),
+    ("keyCompromise", "Key compromise"),
     ("superseded", "Superseded"),
-    ("cessation_of_operation", "No longer used"),
+    ("affiliationChanged", "Affiliation changed"),
+    ("cessationOfOperation", "No longer used"),
 )
 
 

@@ -56,6 +56,12 @@ class BadInput(Exception):
 Refusal = (AdminError, BadInput)
 
 
+def rates(text: str) -> list[str] | None:
+    """`60/minute, 1000/day` -> ["60/minute", "1000/day"]; None (the routes' own) if empty.
+    Split on commas only: a rate may be typed with spaces (`60 / minute`)."""
+    return [r.strip() for r in text.split(",") if r.strip()] or None
+
+
 def number(text: str, what: str) -> int | None:
     text = text.strip()
     if not text:
@@ -121,7 +127,7 @@ async def key_create(ui: AdminUI, ex: Exchange, who: Identity, form: Form) -> Re
             form.get("name", "").strip(),
             owner=form.get("owner", "").strip() or None,
             scopes=words(form.get("scopes", "")),
-            rate=words(form.get("rate", "")) or None,
+            rate=rates(form.get("rate", "")),
             tokens=form.get("tokens", "").strip() or None,
             expires_days=number(form.get("expires_days", ""), "Expiry"),
         )
@@ -166,7 +172,7 @@ async def key_rotate(ui: AdminUI, ex: Exchange, who: Identity, form: Form) -> Re
 async def key_limits(ui: AdminUI, ex: Exchange, who: Identity, form: Form) -> Reply:
     key_id = form.get("id", "")
     call = ui.service.set_key_limits(
-        who, key_id, words(form.get("rate", "")) or None, form.get("tokens", "").strip() or None
+        who, key_id, rates(form.get("rate", "")), form.get("tokens", "").strip() or None
     )
     return await _change(call, _to("keys/edit", id=key_id), "Limits saved.")
 
