@@ -160,6 +160,7 @@ def test_every_page_is_private_strict_and_signed(admin: Browser, page: str) -> N
     assert "<style" not in body and " style=" not in body  # CSS only from the stylesheet
     assert re.search(r"<script(?![^>]*\bsrc=)", body) is None  # no inline script
     assert 'data-testid="signed-in-as">root<' in body
+    assert "&amp;#" not in body  # nothing escaped twice
     forms = re.findall(r'<form method="post" action="([^"]+)"[^>]*>(.*?)</form>', body, re.S)
     for action, form in forms:
         if action != "/.garrison/logout":
@@ -266,6 +267,7 @@ def test_key_secret_is_shown_once_and_never_again(admin: Browser) -> None:
     assert header(limits, b"location") == f"{BASE}keys/edit?id={key_id}"
     edit = text(admin.get(f"keys/edit?id={key_id}"))
     assert "Limits saved." in edit and 'value="5/minute"' in edit
+    assert "&amp;#" not in edit
     bad = admin.post("keys/limits", {"csrf": admin.csrf, "id": key_id, "rate": "lots"})
     assert bad.status == 303 and 'role="alert"' in text(admin.get(f"keys/edit?id={key_id}"))
     revoked = admin.post("keys/revoke", {"csrf": admin.csrf, "id": key_id})

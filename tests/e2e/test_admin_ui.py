@@ -63,6 +63,7 @@ def page(playwright_driver: Any, gateway: GatewayProcess) -> Iterator[Any]:
         ignore_https_errors=False, accept_downloads=True, viewport={"width": 1360, "height": 860}
     )
     context.set_default_timeout(STEP_MS)
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=gateway.url)
     page = context.new_page()
     page.problems = []  # type: ignore[attr-defined]
     page.urls = []  # type: ignore[attr-defined]
@@ -146,8 +147,12 @@ def walk(page: Any, gw: GatewayProcess, shots: Path) -> None:
     row = page.locator("tr[data-user=alice]")
     assert "Active" in row.inner_text() and "user" in row.inner_text()
     shot(page, shots, "02_users")
+    with page.expect_navigation(wait_until="load"):
+        row.get_by_role("link", name="Manage").click()
+    assert page.url == gw.url + ADMIN + "users/edit?name=alice"
+    shot(page, shots, "02b_user_edit")
 
-    # -- an API key, used with the openai SDK
+    # -- an API key, used with the openai SDK --
     go(page, gw, "keys")
     form = "[data-testid=create-key]"
     page.fill(f"{form} input[name=name]", "alice-notebook")
@@ -159,6 +164,9 @@ def walk(page: Any, gw: GatewayProcess, shots: Path) -> None:
     assert re.fullmatch(r"gk_[A-Za-z0-9]{12}_\S+", secret), secret
     key_id = secret[3:15]
     shot(page, shots, "03_key_secret")
+    page.get_by_role("button", name="Copy").click()  # admin.js, allowed by the CSP
+    page.get_by_role("button", name="Copied").wait_for()
+    assert page.evaluate("navigator.clipboard.readText()") == secret
 
     with httpx.Client(verify=trust(gw)) as http:
         client = sdk(gw, http, secret)
@@ -170,6 +178,10 @@ def walk(page: Any, gw: GatewayProcess, shots: Path) -> None:
         row = page.locator(f"tr[data-key='{key_id}']")
         assert "Active" in row.inner_text()
         shot(page, shots, "04_keys")
+        go(page, gw, f"keys/edit?id={key_id}")
+        assert "600/minute" in page.locator("input[name=rate]").input_value()
+        shot(page, shots, "04b_key_manage")
+        go(page, gw, "keys")
         with page.expect_navigation(wait_until="load"):
             row.get_by_role("link", name="Revoke").click()
         shot(page, shots, "05_key_revoke_confirm")

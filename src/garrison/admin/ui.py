@@ -227,6 +227,7 @@ async def key_revoke(ui: AdminUI, ex: Exchange, who: Identity, q: Query) -> Repl
         hidden={"id": key.id},
         button="Revoke key",
         back="keys",
+        back_label="API keys",
         reasons=(),
     )
 
@@ -259,6 +260,7 @@ async def cert_revoke(ui: AdminUI, ex: Exchange, who: Identity, q: Query) -> Rep
         hidden={"serial": cert.serial},
         button="Revoke certificate",
         back="certs",
+        back_label="Client certificates",
         reasons=CERT_REASONS,
     )
 

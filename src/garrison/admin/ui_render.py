@@ -122,7 +122,7 @@ def badge(status: object) -> str:
         return "badge ok"
     if word in ("revoked", "disabled", "refused", "down", "unhealthy", "failed", "error"):
         return "badge bad"
-    if word in ("expired",):
+    if word in ("expired", "unknown"):
         return "badge muted"
     return "badge warn"
 
