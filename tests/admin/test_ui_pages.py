@@ -219,11 +219,16 @@ def test_form_posts_need_the_csrf_token_and_the_same_origin(
 
 
 def test_service_refusals_become_readable_flash_messages(admin: Browser) -> None:
-    reply = admin.post("users/create", {"csrf": admin.csrf, "name": "eve", "password": "short"})
-    assert reply.status == 303
-    page = text(admin.get("users"))
+    form = {"csrf": admin.csrf, "name": "eve", "password": "short", "roles": "ops, user"}
+    reply = admin.post("users/create", form)
+    assert reply.status == 422  # the form again, with what was typed and why
+    page = text(reply)
     assert 'role="alert"' in page and "password needs at least" in page
+    assert 'value="eve"' in page and 'value="ops, user"' in page
+    assert 'value="short"' not in page  # never a password
     assert "Traceback" not in page
+    bad_days = admin.post("certs/issue", {"csrf": admin.csrf, "name": "x", "days": "soon"})
+    assert bad_days.status == 422 and "Validity must be a whole number." in text(bad_days)
     mine = admin.post("users/disable", {"csrf": admin.csrf, "name": "root"})
     assert header(mine, b"location") == BASE + "users/edit?name=root"
     assert "cannot disable your own account" in text(admin.get("users/edit?name=root"))

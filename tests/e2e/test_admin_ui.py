@@ -248,3 +248,6 @@ def walk(page: Any, gw: GatewayProcess, shots: Path) -> None:
     go(page, gw, "")
     assert int(page.get_by_test_id("stat-requests").inner_text().replace(",", "")) > 0
     shot(page, shots, "10_overview_after")
+    page.set_viewport_size({"width": 420, "height": 860})  # a phone: one column, nav on top
+    go(page, gw, "keys")
+    shot(page, shots, "11_keys_narrow")

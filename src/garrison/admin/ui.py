@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from garrison.pipeline.endpoints import GatewayEndpoints
 
 Query = dict[str, str]
-PageHandler = Callable[["AdminUI", Exchange, "Identity", Query], Awaitable[Reply]]
+PageHandler = Callable[..., Awaitable[Reply]]  # (ui, ex, who, query, **context)
+SECRET_FIELDS = ("csrf", "password", "p12_password")
 AUDIT_LIMIT = 200
 AUDIT_EVENTS = (
     "request",
@@ -149,8 +150,18 @@ class AdminUI:
             )
         return await action(self, ex, who, form)
 
-    def page(self, ex: Exchange, who: Identity, template: str, **context: Any) -> Reply:
-        return self.render.page(ex, template, admin=who.name, **context)
+    def page(
+        self, ex: Exchange, who: Identity, template: str, status: int = 200, **context: Any
+    ) -> Reply:
+        return self.render.page(ex, template, status, admin=who.name, **context)
+
+    async def again(
+        self, ex: Exchange, who: Identity, page: str, form: dict[str, str], why: str
+    ) -> Reply:
+        """A refused create form, shown again with what was typed (never a password) and why:
+        retyping a whole form for one bad field is what makes people give up on a tool."""
+        typed = {k: v for k, v in form.items() if k not in SECRET_FIELDS}
+        return await PAGES[page](self, ex, who, {}, values=typed, flash=("error", why), status=422)
 
     def error(
         self, ex: Exchange, who: Identity, status: int, title: str, message: str, back: str = ""
@@ -173,9 +184,9 @@ async def overview(ui: AdminUI, ex: Exchange, who: Identity, q: Query) -> Reply:
     return ui.page(ex, who, "overview.html", title="Overview", nav="", ov=ov)
 
 
-async def users(ui: AdminUI, ex: Exchange, who: Identity, q: Query) -> Reply:
+async def users(ui: AdminUI, ex: Exchange, who: Identity, q: Query, **extra: Any) -> Reply:
     found = await ui.service.list_users()
-    return ui.page(ex, who, "users.html", title="Users", nav="users", users=found)
+    return ui.page(ex, who, "users.html", title="Users", nav="users", users=found, **extra)
 
 
 async def user_edit(ui: AdminUI, ex: Exchange, who: Identity, q: Query) -> Reply:
@@ -199,9 +210,9 @@ async def _cert(ui: AdminUI, serial: str) -> Any:
     return next((c for c in await ui.service.list_certs() if c.serial == serial), None)
 
 
-async def keys(ui: AdminUI, ex: Exchange, who: Identity, q: Query) -> Reply:
+async def keys(ui: AdminUI, ex: Exchange, who: Identity, q: Query, **extra: Any) -> Reply:
     found = await ui.service.list_keys()
-    return ui.page(ex, who, "keys.html", title="API keys", nav="keys", keys=found)
+    return ui.page(ex, who, "keys.html", title="API keys", nav="keys", keys=found, **extra)
 
 
 async def key_edit(ui: AdminUI, ex: Exchange, who: Identity, q: Query) -> Reply:
@@ -232,9 +243,11 @@ async def key_revoke(ui: AdminUI, ex: Exchange, who: Identity, q: Query) -> Repl
     )
 
 
-async def certs(ui: AdminUI, ex: Exchange, who: Identity, q: Query) -> Reply:
+async def certs(ui: AdminUI, ex: Exchange, who: Identity, q: Query, **extra: Any) -> Reply:
     found = await ui.service.list_certs()
-    return ui.page(ex, who, "certs.html", title="Client certificates", nav="certs", certs=found)
+    return ui.page(
+        ex, who, "certs.html", title="Client certificates", nav="certs", certs=found, **extra
+    )
 
 
 async def cert_renew(ui: AdminUI, ex: Exchange, who: Identity, q: Query) -> Reply:

@@ -87,14 +87,17 @@ async def _change(call: Awaitable[Any], ok: str, ok_text: str, back: str | None 
 # -- users ----------------------------------------------------------------------------------
 async def user_create(ui: AdminUI, ex: Exchange, who: Identity, form: Form) -> Reply:
     name = form.get("name", "").strip()
-    call = ui.service.create_user(
-        who,
-        name,
-        form.get("password", ""),
-        words(form.get("roles", "")),
-        email=form.get("email", "").strip() or None,
-    )
-    return await _change(call, "users", f"User {name} created.")
+    try:
+        await ui.service.create_user(
+            who,
+            name,
+            form.get("password", ""),
+            words(form.get("roles", "")),
+            email=form.get("email", "").strip() or None,
+        )
+    except Refusal as exc:
+        return await ui.again(ex, who, "users", form, exc.message)
+    return redirect("users", "ok", f"User {name} created.")
 
 
 def _user_action(disabled: bool) -> Action:
@@ -132,7 +135,7 @@ async def key_create(ui: AdminUI, ex: Exchange, who: Identity, form: Form) -> Re
             expires_days=number(form.get("expires_days", ""), "Expiry"),
         )
     except Refusal as exc:
-        return redirect("keys", "error", exc.message)
+        return await ui.again(ex, who, "keys", form, exc.message)
     return ui.page(
         ex,
         who,
@@ -219,7 +222,7 @@ async def cert_issue(ui: AdminUI, ex: Exchange, who: Identity, form: Form) -> Re
             p12_password=password,
         )
     except Refusal as exc:
-        return redirect("certs", "error", exc.message)
+        return await ui.again(ex, who, "certs", form, exc.message)
     return _p12_page(ui, ex, who, cert, p12, password, generated, renewed=False)
 
 

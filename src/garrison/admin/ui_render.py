@@ -191,7 +191,7 @@ class Renderer:
         self.env.filters.update(
             when=when, when_exact=when_exact, badge=badge, status_class=status_class, joined=joined
         )
-        self.env.globals.update(base=BASE, static=self.assets.url, csrf_field=CSRF_FIELD)
+        self.env.globals.update(base=BASE, static=self.assets.url, csrf_field=CSRF_FIELD, values={})
 
     def page(
         self,
