@@ -92,6 +92,16 @@ def refused(client: openai.OpenAI) -> bool:
     return False
 
 
+def open_p12(page: Any, password: str) -> Any:
+    """Download the .p12 the page offers and open it with `password`; its certificate."""
+    with page.expect_download() as info:
+        page.get_by_test_id("p12-download").click()
+    data = Path(info.value.path()).read_bytes()
+    key, cert, _chain = pkcs12.load_key_and_certificates(data, password.encode())
+    assert key is not None and cert is not None
+    return cert
+
+
 def go(page: Any, gw: GatewayProcess, path: str) -> None:
     response = page.goto(gw.url + ADMIN + path, wait_until="load")
     assert response is not None and response.status == 200, (path, response and response.status)
@@ -226,6 +236,23 @@ def walk(page: Any, gw: GatewayProcess, shots: Path) -> None:
     assert flash(page) == "Certificate revoked."
     assert "Revoked" in page.locator(f"tr[data-serial='{serial}']").inner_text()
     shot(page, shots, "07_certs")
+
+    # -- no password typed: one is generated and shown once; renewing supersedes the old one --
+    page.fill(f"{form} input[name=name]", "bob-phone")
+    submit(page, form)
+    first = open_p12(page, page.get_by_test_id("p12-password").input_value())
+    go(page, gw, f"certs/renew?serial={format(first.serial_number, 'x')}")
+    shot(page, shots, "07b_cert_renew")
+    submit(page, "form[action$='certs/renew']")
+    assert "Certificate renewed" in page.locator(".reveal h2").inner_text()
+    second = open_p12(page, page.get_by_test_id("p12-password").input_value())
+    assert second.serial_number != first.serial_number
+    go(page, gw, "certs")
+    old = page.locator(f"tr[data-serial='{format(first.serial_number, 'x')}']").inner_text()
+    new = page.locator(f"tr[data-serial='{format(second.serial_number, 'x')}']").inner_text()
+    assert "Revoked" in old and "Superseded" in old
+    assert "Active" in new
+    shot(page, shots, "07c_certs_renewed")
 
     # -- sessions --
     go(page, gw, "sessions")

@@ -2,9 +2,10 @@
 
 Every request under the prefix, the stylesheet included, passes the admin guard first. Pages
 are GETs that only read; every change is a POST that carries the CSRF token and passes the
-guard's same-origin check, then redirects (post-redirect-get) with a flash message. The only
-POST answers that are pages are the ones that show a secret once: a new key's secret, a new
-certificate's .p12. Nothing is kept between requests, so any worker process can answer.
+guard's same-origin check, then redirects (post-redirect-get) with a flash message. POST
+answers that are pages: those that show a secret once (a new key's secret, a new certificate's
+.p12), and a refused create form shown again. Nothing is kept between requests, so any worker
+process can answer.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class AdminUI:
         self.service = service
         self.guard = guard
         self.render = Renderer()
+        self.render.env.globals["cert_reasons"] = dict(CERT_REASONS)
 
     def register(self, endpoints: GatewayEndpoints) -> None:
         endpoints.add_prefix(BASE, self)

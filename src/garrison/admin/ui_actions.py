@@ -2,7 +2,8 @@
 
 The caller (AdminUI.post) has already checked the guard, the same-origin rule and the CSRF
 token. A success redirects with a flash (post-redirect-get); an AdminError redirects back with
-its message, which the service promises is safe to show. The four answers that carry a secret
+its message, which the service promises is safe to show (a refused create form is shown again,
+filled in). The four answers that carry a secret
 (a new or rotated key, a new or renewed .p12) are pages, sent once with `no-store`: the secret
 is never stored by the UI and never reachable again.
 """
