@@ -294,3 +294,34 @@ def test_sessions_list_marks_this_browser_and_revokes(
     done = admin.post("sessions/revoke", {"csrf": admin.csrf, "id": ids[0], "user": "carol"})
     assert header(done, b"location") == BASE + "sessions?user=carol"
     assert "No active sessions for carol." in text(admin.get("sessions?user=carol"))
+
+
+def test_user_management_forms(
+    admin: Browser, setup: tuple[AdminUI, AuthService], loop: asyncio.AbstractEventLoop
+) -> None:
+    edit = BASE + "users/edit?name=carol"
+    roles = admin.post("users/roles", {"csrf": admin.csrf, "name": "carol", "roles": "ops user"})
+    assert header(roles, b"location") == edit
+    page = text(admin.get("users/edit?name=carol"))
+    assert "Roles of carol saved." in page and 'value="ops, user"' in page
+
+    disabled = admin.post("users/disable", {"csrf": admin.csrf, "name": "carol"})
+    assert header(disabled, b"location") == edit
+    page = text(admin.get("users/edit?name=carol"))
+    assert "User carol disabled." in page and "Enable account" in page
+    admin.post("users/enable", {"csrf": admin.csrf, "name": "carol"})
+    assert "Disable account" in text(admin.get("users/edit?name=carol"))
+
+    new_password = "carol-new-password-0123"
+    reset = admin.post(
+        "users/password", {"csrf": admin.csrf, "name": "carol", "password": new_password}
+    )
+    assert header(reset, b"location") == edit
+    page = text(admin.get("users/edit?name=carol"))
+    assert "Password of carol changed." in page and new_password not in page
+    assert loop.run_until_complete(setup[1].login("carol", new_password, time.time()))
+
+    gone = admin.post("sessions/revoke-user", {"csrf": admin.csrf, "user": "carol"})
+    assert header(gone, b"location") == BASE + "sessions?user=carol"
+    assert "carol is signed out everywhere." in text(admin.get("sessions?user=carol"))
+    assert 'data-session="' not in text(admin.get("sessions?user=carol"))
