@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 # No inline script or style anywhere: the one stylesheet and the one (optional) script are
 # served by the gateway itself. form-action 'self' keeps a tampered page from posting elsewhere.
 CSP = (
-    "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
+    "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 PAGE_HEADERS: list[tuple[bytes, bytes]] = [
