@@ -197,5 +197,5 @@ def test_healthz_is_answered_by_the_gateway(
 def test_unknown_gateway_endpoint_is_404_and_not_forwarded(
     gw: GatewayProcess, upstream: FakeUpstream
 ) -> None:
-    assert_json_error(get(gw, "/.garrison/admin", host=HOST), 404, "not_found")
+    assert_json_error(get(gw, "/.garrison/no-such-endpoint", host=HOST), 404, "not_found")
     assert upstream.requests == []
