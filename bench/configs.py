@@ -171,13 +171,19 @@ def redis_argv(executable: str, port: int) -> list[str]:
 
 
 def garrison_config(
-    directory: Path, certs: CertFiles, upstream_port: int, limits_backend: str = "memory"
+    directory: Path,
+    certs: CertFiles,
+    upstream_port: int,
+    limits_backend: str = "memory",
+    observe: bool = True,
 ) -> Path:
     """Garrison's config: JSON access log to a file; "/" public (`auth = ["none"]`, the baseline
     of every workload); /auth-key/ (API key only) and /auth-jwt/ (JWT only) to the same upstream
     with the prefix stripped, so that they differ from "/" by authentication alone; /lim/ (API key,
     a rate and a concurrency limit) likewise, its counters in `limits_backend` ("memory" or a
-    redis:// URL). "/" and the auth routes have no limits, so the limits stage passes them by."""
+    redis:// URL). "/" and the auth routes have no limits, so the limits stage passes them by.
+    The audit log and metrics are Garrison's defaults (a line per request to <data>/audit.log,
+    fsynced every second; per-request counters); `observe` False turns both off."""
     directory.mkdir(parents=True, exist_ok=True)
     conf = directory / "garrison.toml"
     conf.write_text(
@@ -217,6 +223,7 @@ auth = ["api_key"]
 rate = ["{LIMITS_RATE}"]
 concurrency = {LIMITS_CONCURRENCY}
 """
+        + ("" if observe else '\n[audit]\nsink = "off"\n\n[metrics]\nenabled = false\n')
     )
     _ = certs  # Garrison issues its own ECDSA P-256 certificate; see targets.garrison_cert_note.
     return conf

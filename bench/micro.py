@@ -85,13 +85,18 @@ LIMITS = {
 
 
 async def measure(
-    count: int, profile: bool, auth: str = "none", limits: str = "none", audit: bool = False
+    count: int,
+    profile: bool,
+    auth: str = "none",
+    limits: str = "none",
+    audit: bool = False,
+    metrics: bool = True,
 ) -> float:
     """CPU µs per request through a route with `auth = [AUTH_METHODS[auth]]` and LIMITS[limits];
     with "key" or "jwt" every request carries `Authorization: Bearer` (the identity cached
     beforehand, as after the first request of a keep-alive run)."""
     with tempfile.TemporaryDirectory(prefix="garrison-micro-") as data_dir:
-        return await _measure(count, profile, Path(data_dir), auth, limits, audit)
+        return await _measure(count, profile, Path(data_dir), auth, limits, audit, metrics)
 
 
 async def _identity(found: Identity | Awaitable[Identity]) -> Identity:
@@ -100,7 +105,7 @@ async def _identity(found: Identity | Awaitable[Identity]) -> Identity:
 
 
 async def _measure(
-    count: int, profile: bool, data_dir: Path, auth: str, limits: str, audit: bool
+    count: int, profile: bool, data_dir: Path, auth: str, limits: str, audit: bool, metrics: bool
 ) -> float:
     route = {"path": "/", "upstream": "default", "auth": [AUTH_METHODS[auth]], **LIMITS[limits]}
     config = config_mod.validate(
@@ -108,6 +113,7 @@ async def _measure(
             "server": {"listen": "127.0.0.1:0"},
             "upstream": [{"name": "default", "url": "http://127.0.0.1:9"}],
             "route": [route],
+            "metrics": {"enabled": metrics},
         }
     )
     engine = open_store(default_url(data_dir))
@@ -186,11 +192,17 @@ def main() -> None:
     parser.add_argument(
         "--audit", action="store_true", help="with the default [audit] log (a file in a temp dir)"
     )
+    parser.add_argument(
+        "--no-metrics", action="store_true", help="with `[metrics] enabled = false`"
+    )
     args = parser.parse_args()
-    per_request = uvloop.run(measure(args.count, args.profile, args.auth, args.limits, args.audit))
+    per_request = uvloop.run(
+        measure(args.count, args.profile, args.auth, args.limits, args.audit, not args.no_metrics)
+    )
     print(
         f"{per_request:.1f} µs CPU per request (Python side, no I/O, auth {args.auth}, "
-        f"limits {args.limits}, audit {'on' if args.audit else 'off'})"
+        f"limits {args.limits}, audit {'on' if args.audit else 'off'}, "
+        f"metrics {'off' if args.no_metrics else 'on'})"
     )
 
 

@@ -136,6 +136,15 @@ CHECKS = (
         )
     ),
     Check(
+        "keep-alive 32: Garrison / Garrison without audit + metrics req/s",
+        "ka32",
+        "rps",
+        "garrison",
+        "garrison-bare",
+        0.9,
+        True,
+    ),
+    Check(
         "new TLS conn: Garrison / nginx handshakes/s",
         "newconn",
         "rps",
@@ -310,6 +319,48 @@ def redis_cost_lines(results: Results) -> list[str]:
     return lines
 
 
+def paired_across(
+    results: Results, workload: str, target: str, versus: str, metric: str, ratio: bool
+) -> float | None:
+    """The median over repetitions of target / versus (ratio) or target - versus, the two
+    measured in the same repetition; None without a pair."""
+    rows = results.data.get(workload, {}).get(target, [])
+    base = results.data.get(workload, {}).get(versus, [])
+    values = [
+        (a[metric] / b[metric] if ratio else a[metric] - b[metric])
+        for a, b in zip(rows, base, strict=False)
+        if a is not None and b is not None and metric in a and b.get(metric)
+    ]
+    return statistics.median(values) if values else None
+
+
+def observe_cost_lines(results: Results) -> list[str]:
+    """What the audit log and metrics cost per request: `garrison` (defaults: both on) against
+    `garrison-bare` (both off), same workload and repetition. Empty when one was not measured."""
+    rows = results.data.get("ka32", {})
+    if not any(rows.get("garrison", [])) or not any(rows.get("garrison-bare", [])):
+        return []
+    on = median(results, "ka32", "garrison", "rps")
+    off = median(results, "ka32", "garrison-bare", "rps")
+    rps_pairs = paired_across(results, "ka32", "garrison", "garrison-bare", "rps", True)
+    cpu = paired_across(results, "ka32", "garrison", "garrison-bare", "cpu_us", False)
+    cpu_off = median(results, "ka32", "garrison-bare", "cpu_us")
+    share = f" ({cpu / cpu_off:+.0%} of the bare process's)" if cpu is not None and cpu_off else ""
+    return [
+        "| what | measured | how |",
+        "|---|---|---|",
+        f"| req/s, with / without audit + metrics | {_ratio(on, off)} | medians of the keep-alive "
+        "32 row, `garrison` (defaults: an audit line per request, fsynced every second; metrics "
+        'on) / `garrison-bare` (`[audit] sink = "off"`, `[metrics] enabled = false`); both '
+        "write the access log |",
+        f"| the same, paired | {'-' if rps_pairs is None else f'{rps_pairs:.2f}x'} | median of "
+        "the per-repetition ratios (the two are measured next to each other) |",
+        f"| extra proxy CPU per request | {'-' if cpu is None else f'{cpu:.0f} µs'}{share} | "
+        "proxy CPU µs/req of `garrison` minus `garrison-bare`, median of the per-repetition "
+        "differences |",
+    ]
+
+
 def _rep_ratio(value: dict[str, float] | None, base: dict[str, float] | None, metric: str) -> str:
     if not value or not base or metric not in value or not base.get(metric):
         return ""
@@ -373,6 +424,11 @@ def render(results: Results, machine: dict[str, str], notes: list[str]) -> str:
         "",
         checks_table(results),
         "",
+        *(
+            ["## Audit log and metrics: the cost per request", "", *observe_cost_lines(results), ""]
+            if observe_cost_lines(results)
+            else []
+        ),
         *(
             ["## Limits in Redis: the cost per request", "", *redis_cost_lines(results), ""]
             if redis_cost_lines(results)

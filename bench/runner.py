@@ -38,12 +38,21 @@ AUTH_VARIANTS = {w: v for w, v in VARIANTS.items() if v[1] in ("key", "jwt")}
 VARIANT_TARGETS = {
     "ka32key": (*targets.AUTH_TARGETS, "garrison-redis"),  # also the base of its limits row
     "ka32jwt": targets.AUTH_TARGETS,
-    "ka32limmem": tuple(t for t, b in targets.LIMITS_BACKENDS.items() if b == "memory"),
+    "ka32limmem": tuple(
+        t
+        for t, b in targets.LIMITS_BACKENDS.items()
+        if b == "memory" and t not in targets.UNOBSERVED
+    ),
     "ka32limredis": tuple(t for t, b in targets.LIMITS_BACKENDS.items() if b == "redis"),
 }
 # Targets that run only some workloads: the Redis-backed Garrison exists for its limits row (and
 # the plain row it is compared with).
-TARGET_WORKLOADS = {"garrison-redis": ("ka32", "ka32key", "ka32limredis")}
+TARGET_WORKLOADS = {
+    "garrison-redis": ("ka32", "ka32key", "ka32limredis"),
+    "garrison-bare": ("ka32",),  # the "without" side of what audit + metrics cost
+}
+# What makes such a target worth starting: the rows it exists for.
+STARTED_FOR = {"garrison-redis": ("ka32key", "ka32limredis"), "garrison-bare": ("ka32",)}
 _LIMITS = ("ka32", "ka32key", "ka32limmem", "ka32limredis")
 ALIASES = {
     "keepalive": ("ka32", "ka32key", "ka32jwt", "ka32limmem", "ka32limredis", "ka256"),
@@ -267,9 +276,9 @@ def _run_group(
         _, upstream_port = start_upstream(group, procs, workdir / group)
         running: list[targets.Target] = []
         for name in plan.targets:
-            own = TARGET_WORKLOADS.get(name)
-            if own is not None and not any(w in VARIANTS and w in names for w in own):
-                continue  # started only for its own variant rows
+            wanted_for = STARTED_FOR.get(name)
+            if wanted_for is not None and not any(w in names for w in wanted_for):
+                continue  # started only for the rows it exists for
             try:
                 target = targets.start(name, procs, workdir / group, upstream_port, certs)
                 _warm_up(group, target, workdir, plan.params.duration)

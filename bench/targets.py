@@ -1,5 +1,6 @@
-"""The targets: the direct upstream (the ceiling), nginx, Caddy, Garrison (1 and 2 workers), and
-Garrison with its limit counters in a redis-server of its own (the limits rows only).
+"""The targets: the direct upstream (the ceiling), nginx, Caddy, Garrison (1 and 2 workers),
+Garrison with its limit counters in a redis-server of its own (the limits rows only), and Garrison
+without its audit log and metrics (the "without" side of their cost; the plain row only).
 
 A target is started in front of one upstream port and probed once over TLS, so that the results can
 say which certificate key and TLS version each one actually served.
@@ -28,7 +29,15 @@ from bench import configs
 from bench.certs import CertFiles, describe_key
 from bench.procs import Proc, Procs, free_port
 
-ALL_TARGETS = ("direct", "nginx", "caddy", "garrison", "garrison2", "garrison-redis")
+ALL_TARGETS = (
+    "direct",
+    "nginx",
+    "caddy",
+    "garrison",
+    "garrison2",
+    "garrison-redis",
+    "garrison-bare",
+)
 LABELS = {
     "direct": "direct (no proxy, plain HTTP)",
     "nginx": "nginx (1 worker)",
@@ -36,12 +45,20 @@ LABELS = {
     "garrison": "Garrison (1 process)",
     "garrison2": "Garrison (--workers 2)",
     "garrison-redis": "Garrison (1 process, `[limits] backend` = its own redis-server)",
+    "garrison-bare": 'Garrison (1 process, `[audit] sink = "off"`, `[metrics] enabled = false`)',
 }
-GARRISONS = ("garrison", "garrison2", "garrison-redis")
+GARRISONS = ("garrison", "garrison2", "garrison-redis", "garrison-bare")
+# Garrisons without the audit log and per-request metrics (the default has both on).
+UNOBSERVED = ("garrison-bare",)
 # The targets with the authenticated routes of configs.AUTH_ROUTES (an API key made at start).
 AUTH_TARGETS = ("garrison", "garrison2")
 # Where each Garrison keeps the counters of configs.LIMITS_ROUTE.
-LIMITS_BACKENDS = {"garrison": "memory", "garrison2": "memory", "garrison-redis": "redis"}
+LIMITS_BACKENDS = {
+    "garrison": "memory",
+    "garrison2": "memory",
+    "garrison-redis": "redis",
+    "garrison-bare": "memory",
+}
 
 
 @dataclass
@@ -271,7 +288,9 @@ def start(name: str, procs: Procs, workdir: Path, upstream_port: int, certs: Cer
         if LIMITS_BACKENDS[name] == "redis":
             redis_proc, redis_port = start_redis(procs)
             backend = configs.redis_url(redis_port)
-        conf = configs.garrison_config(directory, certs, upstream_port, backend)
+        conf = configs.garrison_config(
+            directory, certs, upstream_port, backend, observe=name not in UNOBSERVED
+        )
         data_dir = directory / "data"
         api_key = create_api_key(data_dir)
         argv = [

@@ -742,8 +742,11 @@ class MetricsConfig(_Model):
     """[metrics]: who may scrape /.garrison/metrics. Secure by default: loopback only.
 
     A client whose address (after trusted_proxies) is in `allow` may scrape; anyone else needs
-    a session or bearer credential of a user with role `admin` (`admin_role` = false: never)."""
+    a session or bearer credential of a user with role `admin` (`admin_role` = false: never).
+    `enabled` = false counts nothing per request and answers /.garrison/metrics with 404 (the
+    benchmark's "without" row; the admin overview's traffic figures are then empty)."""
 
+    enabled: bool = True
     allow: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     admin_role: bool = True
 

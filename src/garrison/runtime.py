@@ -55,6 +55,7 @@ class Runtime:
     endpoints: GatewayEndpoints
     audit: AuditLog
     client_certs: bool = False
+    metrics: bool = True  # [metrics] enabled: per-request counters and histograms
 
     def close(self) -> None:
         for pool in self.pools.values():
@@ -117,7 +118,8 @@ def build_runtime(
     auth_endpoints = AuthEndpoints(auth, audit)
     auth_endpoints.register(endpoints)
     PkiEndpoints(auth.revocation, build_crl).register(endpoints)
-    MetricsEndpoint(config.metrics, auth).register(endpoints)
+    if config.metrics.enabled:
+        MetricsEndpoint(config.metrics, auth).register(endpoints)
     backend = limits_backend or MemoryBackend()
     endpoints.add("/.garrison/limits", LimitsEndpoint(backend, [r.path for r in config.route]))
     if config.admin.enabled:
@@ -164,4 +166,5 @@ def build_runtime(
         endpoints=endpoints,
         audit=audit,
         client_certs=client_certs,
+        metrics=config.metrics.enabled,
     )

@@ -165,3 +165,32 @@ def test_garrison_limits_rows_are_admitted(tmp_path: Path) -> None:
     )
     assert "| req/s, memory row / plain row |" in text
     assert "## Limits in Redis: the cost per request" in text
+
+
+def test_garrison_bare_is_measured_without_an_audit_log(tmp_path: Path) -> None:
+    """The "without" side of the audit + metrics cost really runs without them: no request
+    lines in its data dir's audit.log (`garrison key create` before the start writes its own
+    event there) while the default one has them, and the report has the cost section."""
+    missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
+    if missing:
+        missing_tool(f"bench peers not installed: {', '.join(missing)}")
+    plan = runner.Plan(
+        targets=("garrison", "garrison-bare"),
+        workloads=("ka32",),
+        reps=1,
+        params=workloads.Params(duration=1.0),
+        retries=0,
+    )
+    work = tmp_path / "work"
+    results = runner.run(plan, work)
+    assert not results.problems
+    for target in plan.targets:
+        assert _value(results, "ka32", target)["rps"] > 0
+    (on,) = work.rglob("garrison/data")
+    (off,) = work.rglob("garrison-bare/data")
+    assert '"event":"request"' in (on / "audit.log").read_text()
+    assert '"event":"request"' not in (off / "audit.log").read_text()
+    assert (off.parent / "access.log").stat().st_size > 0
+    text = cli.write_report(results, tmp_path / "report.md")
+    assert "## Audit log and metrics: the cost per request" in text
+    assert "| keep-alive 32: Garrison / Garrison without audit + metrics req/s | " in text

@@ -372,3 +372,38 @@ def test_redis_cost_is_the_paired_cpu_difference_and_labelled() -> None:
     assert "| ka32limredis rps | garrison-redis | 8,000 (0.80x) | 8,400 (0.93x) |" in reps
     # Without the Redis row there is no such section.
     assert report.redis_cost_lines(_results({("ka32", "garrison"): [1, 1, 1]})) == []
+
+
+def test_garrison_bare_config_turns_audit_and_metrics_off(tmp_path: Path) -> None:
+    default = build(configs.garrison_config(tmp_path / "on", _certs(tmp_path), 9999))
+    assert default.audit.sink == "file" and default.audit.requests == "all"
+    assert default.metrics.enabled
+    bare = build(configs.garrison_config(tmp_path / "off", _certs(tmp_path), 9999, observe=False))
+    assert bare.audit.sink == "off" and not bare.metrics.enabled
+    # Everything else is the same: the routes and the access log.
+    assert [r.path for r in bare.route] == [r.path for r in default.route]
+    assert str(bare.server.access_log) == f"{tmp_path / 'off'}/access.log"
+
+
+def test_garrison_bare_runs_the_plain_row_only() -> None:
+    every = runner.schedule(
+        runner.WORKLOADS[:7], ["garrison", "garrison-bare"], 0, runner.VARIANT_TARGETS
+    )
+    assert [w for w, t in every if t == "garrison-bare"] == ["ka32"]
+    assert "garrison-bare" not in runner.VARIANT_TARGETS["ka32limmem"]
+
+
+def test_audit_and_metrics_cost_is_checked_against_the_bare_process() -> None:
+    results = _results({("ka32", "garrison"): [9000, 9400, 8600]})
+    for rep, (rps, cpu) in enumerate(((10000, 100), (10000, 110), (10000, 90))):
+        results.add("ka32", "garrison-bare", rep, {"rps": float(rps), "cpu_us": float(cpu)})
+    for rep, cpu in enumerate((110, 118, 99)):
+        results.data["ka32"]["garrison"][rep]["cpu_us"] = float(cpu)  # type: ignore[index]
+    label = "keep-alive 32: Garrison / Garrison without audit + metrics req/s"
+    assert _check_line(report.checks_table(results), label).endswith("| 0.90x | ≥ 0.9x | PASS |")
+    lines = "\n".join(report.observe_cost_lines(results))
+    assert "| req/s, with / without audit + metrics | 0.90x |" in lines
+    assert "| the same, paired | 0.90x |" in lines
+    # Per repetition: 10, 8, 9 µs; median 9, of the bare process's median 100 µs.
+    assert "| extra proxy CPU per request | 9 µs (+9% of the bare process's) |" in lines
+    assert report.observe_cost_lines(_results({("ka32", "garrison"): [1, 1, 1]})) == []

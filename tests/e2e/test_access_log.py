@@ -36,7 +36,7 @@ SECRETS = {
 SECRET_RE = re.compile(r"SECRET\d")
 TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 FIELDS = {
-    "time",
+    "ts",
     "client_ip",
     "method",
     "path",
@@ -89,7 +89,7 @@ def _records_for(gw: GatewayProcess, path: str, n: int = 1) -> list[dict[str, ob
 
 def _check_common(record: dict[str, object], method: str, path: str, status: int) -> None:
     assert record.keys() >= FIELDS, record
-    assert isinstance(record["time"], str) and TIME_RE.fullmatch(record["time"]), record
+    assert isinstance(record["ts"], str) and TIME_RE.fullmatch(record["ts"]), record
     assert record["client_ip"] == "127.0.0.1"
     assert record["method"] == method
     assert record["path"] == path

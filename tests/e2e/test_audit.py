@@ -235,7 +235,7 @@ def test_decisions_are_recorded_and_no_secret_is(tmp_path: Path, upstream: FakeU
     assert models["decision"] == "allowed" and models["status"] == 200
     assert models["identity"] == "alice" and models["auth"] == "api_key"
     assert models["key_id"] == created["key_id"] and models["route"] == "/v1/"
-    assert isinstance(models["bytes_out"], int) and models["bytes_out"] > 0
+    assert isinstance(models["bytes"], int) and models["bytes"] > 0
     assert one("/v1/jwt")["auth"] == "jwt"
     assert one("/page")["auth"] == "session"
     refused = one("/v1/x")

@@ -308,3 +308,18 @@ def test_two_workers_sum_into_one_scrape(
         # Live gauges are summed over the workers' files too (nothing held now: 0 each).
         live = {n for n, _lab, v in samples(scrape(gw)) if v == 0}
         assert "garrison_limit_slots_held" in live
+
+
+def test_disabled_counts_nothing_and_hides_the_endpoint(
+    tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream, demo: str
+) -> None:
+    text = config(upstream.url, demo, "[metrics]\nenabled = false\n")
+    with (
+        running_gateway(tmp_path_factory.mktemp("metrics-off"), text) as gw,
+        closing(client(gw)) as c,
+    ):
+        assert c.get("/open/x").status_code == 200  # traffic is untouched
+        gone = c.get("/.garrison/metrics")
+        assert gone.status_code == 404
+        assert gone.json()["error"]["code"] == "not_found"
+        assert b"garrison_" not in gone.content

@@ -15,7 +15,7 @@ import pytest
 from garrison.config import AuditConfig, ConfigError, validate
 from garrison.observe.audit import FULL_BODY_MAX, AuditLog, BodyDigest
 from garrison.observe.audit_sink import FileSink
-from garrison.pipeline.exchange import Exchange, error_reply
+from garrison.pipeline.exchange import Exchange
 from garrison.pipeline.limits import TokenMeter
 
 
@@ -175,7 +175,7 @@ def _exchange(path: str) -> Exchange:
 def test_request_lines_parse_and_refused_mode_filters(tmp_path: Path) -> None:
     audit = AuditLog(AuditConfig(fsync="always", requests="refused"), tmp_path)
     ex = _exchange('/odd "path"\\with\u00e9')
-    audit.reply(ex, error_reply(403, "forbidden_role", "no", html=False))
+    audit.request(ex, 403, refused=True, reason="forbidden_role")
     allowed = _exchange("/fine")
     allowed.stage = ""
     audit.request(allowed, 200, refused=False, bytes_out=10)
@@ -201,8 +201,8 @@ def test_request_lines_carry_the_tokens_a_budget_counted(tmp_path: Path) -> None
     audit.request(ex, 200, refused=False)  # written at the head (always): not counted yet
     audit.close()
     first, second = (json.loads(x) for x in lines_of(tmp_path))
-    assert first["tokens"] == 12 and first["bytes_out"] == len(body)
-    assert "tokens" not in second and "bytes_out" not in second
+    assert first["tokens"] == 12 and first["bytes"] == len(body)
+    assert "tokens" not in second and "bytes" not in second
 
 
 def test_syslog_sink_sends_one_datagram_per_line(tmp_path: Path) -> None:

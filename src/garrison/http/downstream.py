@@ -17,7 +17,7 @@ import httptools
 
 from garrison.http import wire
 from garrison.http.relay import InFlight
-from garrison.observe import metrics, request_metrics
+from garrison.observe import metrics, outcome
 from garrison.pipeline.exchange import Exchange, Reply, error_reply
 from garrison.pki.peer import PeerCert, peer_cert_of
 
@@ -381,9 +381,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._send_error(ex, reply)
 
     def _send_error(self, ex: Exchange, reply: Reply) -> None:
-        self.state.runtime.access_log.reply(ex, reply, self.state.runtime)
-        request_metrics.observe_reply(ex, reply)
-        self.state.runtime.audit.reply(ex, reply)
+        outcome.answered(self.state.runtime, ex, reply)
         self.send_reply(reply, close=True)
 
     # One lazy timer per connection. It never fires later than header_read from when it was

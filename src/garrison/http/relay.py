@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from garrison.http import wire
 from garrison.http.upstream import UpstreamConnection, UpstreamError, UpstreamPool
-from garrison.observe import request_metrics
+from garrison.observe import outcome
 from garrison.pipeline.exchange import BodyTooLarge, Exchange, Reply, error_reply
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ class InFlight:
         self._tunnel = False
         self._body_waiter: asyncio.Future[None] | None = None
         self._observer = None
-        self._audited = False
+        self.audited = False
         # SHA-256 of the body as it streams (audit bodies = "hash"); None costs one test per chunk.
         self.digest = self.runtime.audit.body_digest() if has_body else None
         ex.body_source = self
@@ -286,7 +286,7 @@ class InFlight:
         ex = self.ex
         audit = self.runtime.audit
         if audit.always:  # on disk before the client sees the answer (bytes are not known yet)
-            self._audited = True
+            self.audited = True
             audit.request(ex, status, refused=False, digest=self.digest)
         security = self.runtime.security_headers
         if upgrade:
@@ -448,11 +448,8 @@ class InFlight:
             or (reply.status >= 500 and not self.body_done)
             or reply.status in CLOSE_AFTER
         )
-        self.runtime.access_log.reply(self.ex, reply, self.runtime)
-        request_metrics.observe_reply(self.ex, reply)
-        if not self._audited:
-            self._audited = True
-            self.runtime.audit.reply(self.ex, reply, self.digest)
+        outcome.answered(self.runtime, self.ex, reply, self.digest, self.audited)
+        self.audited = True
         self._run_finish_hooks()
         self.down.send_reply(
             reply,
@@ -476,18 +473,4 @@ class InFlight:
         )
 
     def _log(self, error: str = "") -> None:
-        self.runtime.access_log.response(self, error)
-        headers_at = self.upstream_headers_at
-        request_metrics.observe(
-            self.ex, self.status, headers_at - self.upstream_started if headers_at else None
-        )
-        if not self._audited:
-            self._audited = True
-            self.runtime.audit.request(
-                self.ex,
-                self.status,
-                refused=False,
-                bytes_out=self.bytes_out,
-                digest=self.digest,
-                error=error,
-            )
+        outcome.proxied(self.runtime, self, error)

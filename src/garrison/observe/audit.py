@@ -35,18 +35,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from garrison.config import AuditConfig
-from garrison.observe.accesslog import _cached_json, _json_str, _now_iso
 from garrison.observe.audit_sink import FileSink, Sink, StdoutSink, SyslogSink
+from garrison.observe.outcome import MAX_TEXT, now_iso, request_fields
 
 if TYPE_CHECKING:
-    from garrison.pipeline.exchange import Exchange, Reply
+    from garrison.pipeline.exchange import Exchange
 
 log = logging.getLogger("garrison.audit")
 
 FLUSH_BYTES = 64 * 1024
 FLUSH_SECONDS = 0.2
 FULL_BODY_MAX = 64 * 1024
-MAX_TEXT = 256
 MAX_ITEMS = 32
 
 AuditHook = Callable[[str, dict[str, object]], None]
@@ -192,7 +191,7 @@ class AuditLog:
     # -- events ---------------------------------------------------------------------------------
     def event(self, name: str, fields: dict[str, object]) -> None:
         """A decision or change worth keeping; `fields` must be names from FIELDS."""
-        record: dict[str, object] = {"ts": _now_iso(), "event": name}
+        record: dict[str, object] = {"ts": now_iso(), "event": name}
         for key, value in fields.items():
             record[key] = _clean(key, value)
         if self.sink is None:
@@ -217,53 +216,20 @@ class AuditLog:
         digest: BodyDigest | None = None,
         error: str = "",
     ) -> None:
-        """A request's outcome. `bytes_out` None: written when the answer started (always)."""
+        """A request's outcome. `bytes_out` None: written when the answer started (always).
+
+        The hot path goes through observe/outcome.py, which formats the line once for both
+        logs; this is for the `fsync = "always"` line at the response head, and for tests."""
         if not (self.requests_all or (refused and self.requests_refused)):
             return
-        route = ex.route
-        ident = ex.identity
-        who = (
-            f',"identity":{_json_str(ident.name)},"auth":"{ident.method}"'
-            + (f',"key_id":{_json_str(ident.key_id)}' if ident.key_id else "")
-            if ident is not None
-            else ""
+        line = request_fields(
+            ex, status, refused=refused, reason=reason, bytes_out=bytes_out, error=error
         )
-        line = (
-            f'{{"ts":"{_now_iso()}","event":"request",'
-            f'"decision":"{"refused" if refused else "allowed"}","status":{status},'
-            f'"stage":{_cached_json(ex.stage) if ex.stage else "null"},'
-            f'"reason":{_json_str(reason[:MAX_TEXT]) if reason else "null"},'
-            f'"client_ip":{_json_str(ex.client_ip or ex.peer_ip)},'
-            f'"method":{_cached_json(ex.method)},'
-            f'"route":{_cached_json(route.path) if route else "null"},'
-            f'"path":{_json_str(ex.path[:1024]) if ex.path else "null"}{who},'
-            f'"duration_ms":{(time.monotonic() - ex.started) * 1000:.3f}'
-            + (f',"bytes_out":{bytes_out}' if bytes_out is not None else "")
-            + (_tokens(ex) if bytes_out is not None and ex.response_observer is not None else "")
-            + (digest.fields() if digest is not None else "")
-            + (f',"error":{_json_str(error)}' if error else "")
-            + "}\n"
-        )
-        self._append(line)
+        self.append_request(line, digest)
 
-    def reply(self, ex: Exchange, reply: Reply, digest: BodyDigest | None = None) -> None:
-        """The gateway answered itself: a refusal (>= 400, or a login redirect) or an endpoint."""
-        status = reply.status
-        stage = ex.stage
-        if stage == "upstream":  # allowed, then the upstream failed: 502/504
-            self.request(
-                ex,
-                status,
-                refused=False,
-                bytes_out=len(reply.body),
-                digest=digest,
-                error=reply.code,
-            )
-            return
-        refused = status >= 400 or stage == "authorise"
-        self.request(
-            ex, status, refused=refused, reason=reply.code, bytes_out=len(reply.body), digest=digest
-        )
+    def append_request(self, fields: str, digest: BodyDigest | None) -> None:
+        """A request line from `request_fields`: the body digest (if any) and the brace added."""
+        self._append(fields + (digest.fields() if digest is not None else "") + "}\n")
 
     # -- writing --------------------------------------------------------------------------------
     def _append(self, line: str) -> None:
@@ -357,12 +323,6 @@ class AuditLog:
             self._sync_timer = None
         if self.sink is not None:
             self.sink.close()
-
-
-def _tokens(ex: Exchange) -> str:
-    """LLM tokens the response used, when a token budget's meter counted them (at the end)."""
-    tokens = getattr(ex.response_observer, "tokens", None)
-    return f',"tokens":{int(tokens)}' if isinstance(tokens, int) else ""
 
 
 def warn_full_bodies(config: AuditConfig, say: Callable[[str], None]) -> None:
