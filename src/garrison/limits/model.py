@@ -15,6 +15,8 @@ from typing import Protocol
 
 _PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+MAX_AMOUNT = 10**12  # far above any real limit; keeps the numbers exact and finite
+MAX_PERIOD = 366 * 86400.0  # a year: longer windows outlive any counter's retention
 _RATE_RE = re.compile(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*/\s*(\d*)\s*([a-z]+)\s*", re.IGNORECASE)
 
 
@@ -28,8 +30,12 @@ def _parse(text: str, what: str) -> tuple[float, float]:
     if period is None:
         raise ValueError(f"invalid {what} {text!r}: unknown period {unit!r}")
     period *= int(multiple) if multiple else 1
-    if amount < 1 or amount != int(amount):
-        raise ValueError(f"invalid {what} {text!r}: the amount must be a whole number >= 1")
+    if not 1 <= amount <= MAX_AMOUNT or amount != int(amount):
+        raise ValueError(
+            f"invalid {what} {text!r}: the amount must be a whole number from 1 to {MAX_AMOUNT:,}"
+        )
+    if not 1 <= period <= MAX_PERIOD:
+        raise ValueError(f"invalid {what} {text!r}: the period must be from 1 second to 366 days")
     return amount, period
 
 
