@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -139,6 +140,7 @@ class Gateway:
         self.https_port = 0
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._probes: set[asyncio.Future[None]] = set()
         self.auth: AuthService | None = None
         self.limits_backend: Backend = MemoryBackend()
         self.gates: dict[str, FairGate] = {}
@@ -187,6 +189,7 @@ class Gateway:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
         self._tasks.append(asyncio.ensure_future(self._periodic()))
+        self._probe_idle_upstreams()  # the overview knows each upstream's state from the start
         if tls.source != "internal":
             self._tasks.append(asyncio.ensure_future(self._watch_certificate()))
         if self.acme is not None:
@@ -358,12 +361,23 @@ class Gateway:
             if self.state is not None:
                 for pool in self.state.runtime.pools.values():
                     pool.sweep(POOL_MAX_IDLE_AGE)
+                self._probe_idle_upstreams()
             if elapsed >= CERT_CHECK_SECONDS:
                 elapsed = 0.0
                 try:
                     self._refresh_certificate(self.config)
                 except Exception as exc:  # keep serving with the current certificate
                     log.error("server certificate renewal failed: %s", exc)
+
+    def _probe_idle_upstreams(self) -> None:
+        """One TCP connect to each upstream that had no new connection lately (http/health.py)."""
+        assert self.state is not None
+        now = time.monotonic()
+        for pool in self.state.runtime.pools.values():
+            if pool.health.stale(now):
+                task = asyncio.ensure_future(pool.probe())
+                self._probes.add(task)
+                task.add_done_callback(self._probes.discard)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded grace), then return."""

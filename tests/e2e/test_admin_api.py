@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from tests.e2e.fixtures_core import client_context, running_gateway
+from tests.e2e.fixtures_core import client_context, closed_port, running_gateway
 from tests.e2e.fixtures_stream import wait_until
 from tests.e2e.test_auth import cli, login
 from tests.support.gateway import ADMIN_PASSWORD, GatewayProcess
@@ -122,6 +122,33 @@ def key_lifecycle(gw: GatewayProcess, admin: httpx.Client, user: str) -> None:
 def test_user_and_key_lifecycle(gw: GatewayProcess, admin: httpx.Client) -> None:
     key_lifecycle(gw, admin, "dora")
     assert "user-password-1" not in (gw.data_dir / "audit.log").read_text()
+
+
+def test_overview_knows_which_upstream_is_down(
+    tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream
+) -> None:
+    """Both upstreams are probed at start (no traffic needed); a request to the dead one keeps
+    it down, and the health gauge says the same to Prometheus."""
+    text = config(upstream.url) + (
+        f'\n[[upstream]]\nname = "gone"\nurl = "http://127.0.0.1:{closed_port()}"\n'
+        '\n[[route]]\npath = "/gone/"\nupstream = "gone"\nauth = ["none"]\n'
+    )
+    with (
+        running_gateway(tmp_path_factory.mktemp("admin-health"), text) as gw,
+        closing(client(gw, admin_key(gw))) as c,
+    ):
+
+        def health() -> dict[str, bool | None]:
+            got = c.get(f"{API}/overview")
+            assert got.status_code == 200, got.text
+            return {u["name"]: u["healthy"] for u in got.json()["upstreams"]}
+
+        assert wait_until(lambda: health() == {"app": True, "gone": False}, NOTICE_WAIT_S)
+        assert c.get("/gone/x").status_code == 502
+        assert health() == {"app": True, "gone": False}
+        scrape = c.get("/.garrison/metrics").text
+        assert 'garrison_upstream_up{upstream="app"} 1.0' in scrape
+        assert 'garrison_upstream_up{upstream="gone"} 0.0' in scrape
 
 
 def test_two_workers_refuse_a_revoked_key(

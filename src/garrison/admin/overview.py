@@ -41,6 +41,7 @@ def build_overview(
     view = Overview(requests=0, errors=0, refused=0, limit_hits=0)
     in_flight: dict[str, float] = {}
     queued: dict[str, float] = {}
+    up: dict[str, float] = {}
     for name, labels, value in _samples():
         if name == "garrison_requests_total":
             view.requests += int(value)
@@ -55,6 +56,8 @@ def build_overview(
             in_flight[labels.get("upstream", "")] = value
         elif name == "garrison_upstream_queued":
             queued[labels.get("upstream", "")] = value
+        elif name == "garrison_upstream_up":
+            up[labels.get("upstream", "")] = value
         elif name == "garrison_certificate_expiry_timestamp_seconds" and value > 0:
             kind = labels.get("kind", "")
             view.expiries.append(_expiry(kind, kind, value, now))
@@ -64,6 +67,7 @@ def build_overview(
             url=u.url,
             in_flight=int(in_flight.get(u.name, 0)),
             queued=int(queued.get(u.name, 0)),
+            healthy=None if u.name not in up else up[u.name] >= 1,
         )
         for u in config.upstream
     ]

@@ -16,7 +16,8 @@ class UpstreamView:
     url: str
     in_flight: int = 0
     queued: int = 0
-    healthy: bool | None = None  # None: unknown (Garrison does not probe upstreams)
+    # The last connection attempt (a request's, or the idle probe's): None before the first.
+    healthy: bool | None = None
 
 
 @dataclass(slots=True)

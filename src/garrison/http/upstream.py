@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import httptools
 
+from garrison.http import health
 from garrison.pipeline.exchange import Headers
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 UPSTREAM_WRITE_HIGH = 256 * 1024
 
@@ -261,6 +265,7 @@ class UpstreamPool:
         self._idle: list[UpstreamConnection] = []
         self._all: set[UpstreamConnection] = set()
         self.closed = False
+        self.health = health.of(name, host, port)
 
     def take_idle(self) -> UpstreamConnection | None:
         while self._idle:
@@ -270,24 +275,45 @@ class UpstreamPool:
         return None
 
     async def connect(self) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
-        try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
-                self.connect_timeout,
-            )
-        except TimeoutError:
-            raise UpstreamError(
-                "connect_timeout",
-                f"no connection to upstream {self.name!r} within {self.connect_timeout:g}s",
-            ) from None
-        except OSError as exc:
-            raise UpstreamError(
-                "connect_refused",
-                f"cannot connect to upstream {self.name!r}: {exc.strerror or exc}",
-            ) from None
+        conn = await self._open(lambda: UpstreamConnection(self))
         self._all.add(conn)
         return conn
+
+    async def probe(self) -> None:
+        """The idle health probe: one TCP connect, closed at once (http/health.py)."""
+        self.health.probing = True
+        try:
+            await self._open(asyncio.Protocol)
+        except UpstreamError:
+            pass  # recorded as the upstream's health by _open
+        finally:
+            self.health.probing = False
+
+    async def _open(self, factory: Callable[[], P]) -> P:
+        """A new connection, its outcome recorded as the upstream's health; a probe's (not an
+        UpstreamConnection) is closed at once."""
+        loop = asyncio.get_running_loop()
+        try:
+            transport, conn = await asyncio.wait_for(
+                loop.create_connection(factory, self.host, self.port), self.connect_timeout
+            )
+        except TimeoutError:
+            error = UpstreamError(
+                "connect_timeout",
+                f"no connection to upstream {self.name!r} within {self.connect_timeout:g}s",
+            )
+        except OSError as exc:
+            error = UpstreamError(
+                "connect_refused",
+                f"cannot connect to upstream {self.name!r}: {exc.strerror or exc}",
+            )
+        else:
+            self.health.ok()
+            if not isinstance(conn, UpstreamConnection):
+                transport.close()
+            return conn
+        self.health.failed(str(error))
+        raise error
 
     def release(self, conn: UpstreamConnection) -> None:
         if self.closed or len(self._idle) >= self.max_idle or conn.transport is None:

@@ -185,6 +185,21 @@ upstream_queued = Gauge(
 )
 
 
+upstream_up = Gauge(
+    "garrison_upstream_up",
+    "1 when the last connection to the upstream (for a request, or the idle probe every 30 s) "
+    "was made, 0 when it failed; no sample before the first attempt. Workers: the lowest.",
+    ["upstream"],
+    multiprocess_mode="livemin",
+    registry=REGISTRY,
+)
+
+
+def track_upstream_health(name: str, read: Callable[[], float]) -> None:
+    """Point the upstream's health gauge at its live record (http/health.py)."""
+    _track(upstream_up, name, read)
+
+
 def track_limits(backend: object, gates: dict[str, Any]) -> None:
     """Point the limit gauges at the live backend and gates (read at scrape time)."""
     held = getattr(backend, "slots_held", None)
