@@ -115,6 +115,8 @@ def key_lifecycle(gw: GatewayProcess, admin: httpx.Client, user: str) -> None:
     assert found.status_code == 200 and found.json(), found.text
     line = found.json()[0]
     assert (line["event"], line["decision"], line["path"]) == ("request", "refused", path)
+    assert (line["auth"], line["key_id"]) == ("api_key", key_id)  # which key was turned away
+    assert "identity" not in line  # a refused key proves nobody's identity
     changes = admin.get(f"{API}/audit", params={"event": "key_revoked", "identity": "admin:admin"})
     assert [c["key_id"] for c in changes.json()][:1] == [key_id]
 

@@ -43,7 +43,8 @@ def request_fields(
     route = ex.route
     ident = ex.identity
     if ident is None:
-        who = ""
+        refused_key = ex.refused_key_id  # an API key turned away: which one, never its secret
+        who = f',"auth":"api_key","key_id":{json_str(refused_key)}' if refused_key else ""
     elif ident.key_id:
         who = (
             f',"identity":{json_str(ident.name)},"auth":"{ident.method}",'

@@ -74,6 +74,9 @@ class Exchange:
     peer_cert: PeerCert | None = None
     cert_identity: Identity | None = None
     auth_error: str = ""
+    # The id part of an API key that was presented and refused (revoked, expired, unknown):
+    # not a secret, and what an operator needs to see who was refused.
+    refused_key_id: str = ""
     body_source: BodySource | None = None
     # Set by stages that hold something until the request ends (a concurrency slot, a GPU
     # slot, a token budget): each is called exactly once, however the request ends.

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from garrison.auth.apikeys import parse_key
 from garrison.auth.identity import Identity
 from garrison.auth.service import AuthFailure, AuthService
 from garrison.auth.sessions import COOKIE
@@ -66,7 +67,7 @@ class Identify(Stage):
                 if "api_key" not in methods:
                     ex.auth_error = "API keys are not accepted on this route"
                     return None
-                return self._resolve(ex, self.auth.identify_key, text, now)
+                return self._resolve_key(ex, text, now)
             if "jwt" not in methods:
                 ex.auth_error = "bearer tokens are not accepted on this route"
                 return None
@@ -76,7 +77,7 @@ class Identify(Stage):
             if "api_key" not in methods:
                 ex.auth_error = "API keys are not accepted on this route"
                 return None
-            return self._resolve(ex, self.auth.identify_key, api_key.decode("latin-1"), now)
+            return self._resolve_key(ex, api_key.decode("latin-1"), now)
         if has_cookie and "session" in methods:
             cookie = ex.cookie(COOKIE)
             if cookie is not None:
@@ -84,23 +85,28 @@ class Identify(Stage):
                 return self._resolve(ex, self.auth.identify_session, cookie, now)
         return None
 
-    def _resolve(self, ex: Exchange, resolver: Resolver, text: str, now: float) -> StageResult:
+    def _resolve_key(self, ex: Exchange, text: str, now: float) -> StageResult:
+        return self._resolve(ex, self.auth.identify_key, text, now, key=True)
+
+    def _resolve(
+        self, ex: Exchange, resolver: Resolver, text: str, now: float, key: bool = False
+    ) -> StageResult:
         try:
             result = resolver(text, now)
         except AuthFailure as exc:
-            ex.auth_error = str(exc)
+            _refused(ex, exc, text if key else "")
             return None
         if result is None or isinstance(result, Identity):
             ex.identity = result
             return None
-        return self._wait(ex, result)
+        return self._wait(ex, result, text if key else "")
 
     @staticmethod
-    async def _wait(ex: Exchange, pending: Awaitable[Identity | None]) -> Reply | None:
+    async def _wait(ex: Exchange, pending: Awaitable[Identity | None], key: str) -> Reply | None:
         try:
             ex.identity = await pending
         except AuthFailure as exc:
-            ex.auth_error = str(exc)
+            _refused(ex, exc, key)
         except (SQLAlchemyError, OSError) as exc:
             # Fail closed, but say what happened: a 401 would tell the client its key is bad.
             log.error("identity store unavailable: %s", exc)
@@ -113,6 +119,15 @@ class Identify(Stage):
             reply.headers.append((b"retry-after", b"5"))
             return reply
         return None
+
+
+def _refused(ex: Exchange, failure: AuthFailure, key: str) -> None:
+    """A presented credential was refused; an API key's id (not a secret) is kept for the
+    logs, so that the audit says which key was turned away."""
+    ex.auth_error = str(failure)
+    parsed = parse_key(key) if key else None
+    if parsed is not None:
+        ex.refused_key_id = parsed[0]
 
 
 def _drop(ex: Exchange, header: bytes, value: bytes) -> None:
