@@ -23,6 +23,8 @@ from pydantic import (
     field_validator,
 )
 
+from garrison.netaddr import check_networks
+
 _SIZE_UNITS = {
     "": 1,
     "b": 1,
@@ -140,12 +142,7 @@ class ServerConfig(_Model):
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
-        for item in value:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"{item!r} is not an IP address or CIDR network") from exc
-        return value
+        return check_networks(value)
 
     @field_validator("hostnames")
     @classmethod
@@ -753,12 +750,7 @@ class MetricsConfig(_Model):
     @field_validator("allow")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
-        for item in value:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"{item!r} is not an IP address or CIDR network") from exc
-        return value
+        return check_networks(value)
 
 
 class AdminConfig(_Model):
@@ -776,7 +768,7 @@ class AdminConfig(_Model):
     @field_validator("allow")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
-        return MetricsConfig._networks(value)  # the same rule as [metrics] allow
+        return check_networks(value)
 
 
 class Config(_Model):

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from garrison.netaddr import CACHE_MAX
 from garrison.pipeline.exchange import Exchange
 from garrison.pipeline.forwarding import Forwarding
 
@@ -113,7 +114,7 @@ def test_is_trusted_cache_stays_correct_when_it_is_cleared() -> None:
     for i in range(5000):
         ip = f"10.{i // 256 % 256}.{i % 256}.1" if i % 2 else f"11.0.{i // 256 % 256}.{i % 256}"
         assert fwd.is_trusted(ip) == (i % 2 == 1)
-    assert len(fwd._cache) <= 4097
+    assert len(fwd.trusted._cache) <= CACHE_MAX
 
 
 # -- properties -----------------------------------------------------------------------------------

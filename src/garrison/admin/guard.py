@@ -14,7 +14,6 @@ usable credential at all is told to sign in (401 JSON, or a redirect to the logi
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import Awaitable
@@ -26,6 +25,7 @@ from garrison.auth.identity import Identity
 from garrison.auth.service import AuthFailure, AuthService
 from garrison.auth.sessions import COOKIE
 from garrison.config import AdminConfig
+from garrison.netaddr import NetworkList
 from garrison.observe.audit import AuditLog
 from garrison.pipeline.auth_endpoints import cross_site
 from garrison.pipeline.exchange import Exchange, Reply, error_reply
@@ -51,18 +51,12 @@ class AdminGuard:
         self, config: AdminConfig, auth: AuthService, audit: AuditLog | None = None
     ) -> None:
         self.config = config
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in config.allow]
+        self.networks = NetworkList(config.allow)
         self.auth = auth
         self.audit = audit if audit is not None else AuditLog.disabled()
 
     def allowed_address(self, ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.networks)
+        return ip in self.networks
 
     @staticmethod
     def same_origin(ex: Exchange) -> bool:

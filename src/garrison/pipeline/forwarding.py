@@ -7,39 +7,21 @@ the connecting peer is a configured trusted proxy, walking the chain right to le
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 
+from garrison.netaddr import NetworkList, address
 from garrison.pipeline.exchange import Exchange
 from garrison.pipeline.pipeline import Stage
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Forwarding(Stage):
     name = "forwarding"
 
     def __init__(self, trusted_proxies: Sequence[str]) -> None:
-        self.trusted: tuple[Network, ...] = tuple(
-            ipaddress.ip_network(n, strict=False) for n in trusted_proxies
-        )
-        self._cache: dict[str, bool] = {}
+        self.trusted = NetworkList(trusted_proxies)
 
     def is_trusted(self, ip: str) -> bool:
-        known = self._cache.get(ip)
-        if known is None:
-            try:
-                address = ipaddress.ip_address(ip)
-            except ValueError:
-                known = False
-            else:
-                if address.version == 6 and address.ipv4_mapped is not None:
-                    address = address.ipv4_mapped
-                known = any(address in net for net in self.trusted)
-            if len(self._cache) > 4096:
-                self._cache.clear()
-            self._cache[ip] = known
-        return known
+        return ip in self.trusted
 
     def client_ip(self, peer: str, xff: list[bytes]) -> tuple[str, bytes]:
         """The client's IP and the X-Forwarded-For chain to send on."""
@@ -48,9 +30,7 @@ class Forwarding(Stage):
         hops = [h.strip().decode("latin-1") for v in xff for h in v.split(b",") if h.strip()]
         client = peer
         for hop in reversed(hops):
-            try:
-                ipaddress.ip_address(hop)
-            except ValueError:
+            if address(hop) is None:
                 break  # garbage in the chain: the last trusted hop is the best we know
             client = hop
             if not self.is_trusted(hop):

@@ -8,7 +8,6 @@ about the metrics. Nothing is cached: the text is rendered per scrape.
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections.abc import Awaitable
 
@@ -16,6 +15,7 @@ from garrison.auth.identity import Identity
 from garrison.auth.service import AuthFailure, AuthService
 from garrison.auth.sessions import COOKIE
 from garrison.config import MetricsConfig
+from garrison.netaddr import NetworkList
 from garrison.observe import metrics
 from garrison.pipeline.endpoints import GatewayEndpoints
 from garrison.pipeline.exchange import Exchange, Reply, error_reply
@@ -27,7 +27,7 @@ ADMIN = "admin"
 
 class MetricsEndpoint:
     def __init__(self, config: MetricsConfig, auth: AuthService) -> None:
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in config.allow]
+        self.networks = NetworkList(config.allow)
         self.admin_role = config.admin_role
         self.auth = auth
 
@@ -47,13 +47,7 @@ class MetricsEndpoint:
         return self._later(pending)
 
     def allowed(self, ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.networks)
+        return ip in self.networks
 
     def _identity(self, ex: Exchange) -> Identity | Awaitable[Identity | None] | None:
         now = time.time()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from collections.abc import Callable
 
+from garrison.netaddr import address
 from garrison.pipeline.endpoints import GatewayEndpoints
 from garrison.pipeline.exchange import Exchange, Reply, error_reply
 from garrison.pipeline.pipeline import StageResult
@@ -53,10 +53,5 @@ def _crl_reply(pem: bytes) -> Reply:
 
 
 def _loopback(ip: str) -> bool:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+    parsed = address(ip)
+    return parsed is not None and parsed.is_loopback
