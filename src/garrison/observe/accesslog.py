@@ -8,24 +8,20 @@ operational log (stderr by default); the audit log (`[audit]`) is the security r
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from typing import IO
 
-FLUSH_BYTES = 64 * 1024
-FLUSH_SECONDS = 0.2
+from garrison.observe.batching import LineBatch
 
 
-class AccessLog:
+class AccessLog(LineBatch):
     """Writes JSON lines to stderr, stdout or a file (reopened on reload, for log rotation)."""
 
     def __init__(self, target: str) -> None:
+        super().__init__()
         self.target = target
         self._stream: IO[str] | None = None
-        self._buffer: list[str] = []
-        self._size = 0
-        self._timer: asyncio.TimerHandle | None = None
         self.enabled = False
         self.open()
 
@@ -48,31 +44,9 @@ class AccessLog:
             self._stream.close()
         self.open()
 
-    def append(self, line: str) -> None:
-        """One whole line (observe/outcome.py formats it); written in the next batch."""
-        self._buffer.append(line)
-        self._size += len(line)
-        if self._size >= FLUSH_BYTES:
-            self.flush()
-        elif self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()
-                return
-            self._timer = loop.call_later(FLUSH_SECONDS, self.flush)
-
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self._buffer or self._stream is None:
-            self._buffer.clear()
-            self._size = 0
+    def _write_batch(self, data: str) -> None:
+        if self._stream is None:
             return
-        data = "".join(self._buffer)
-        self._buffer.clear()
-        self._size = 0
         try:
             self._stream.write(data)
             self._stream.flush()

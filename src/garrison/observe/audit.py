@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from garrison.config import AuditConfig
 from garrison.observe.audit_sink import FileSink, Sink, StdoutSink, SyslogSink
+from garrison.observe.batching import LineBatch
 from garrison.observe.outcome import MAX_TEXT, now_iso, request_fields
 
 if TYPE_CHECKING:
@@ -43,8 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("garrison.audit")
 
-FLUSH_BYTES = 64 * 1024
-FLUSH_SECONDS = 0.2
 FULL_BODY_MAX = 64 * 1024
 MAX_ITEMS = 32
 
@@ -150,16 +149,14 @@ def audit_path(config: AuditConfig, data_dir: Path) -> Path:
     return Path(config.path) if config.path is not None else Path(data_dir) / "audit.log"
 
 
-class AuditLog:
+class AuditLog(LineBatch):
     """One per process; `event` and `request` are safe to call from the event loop."""
 
     def __init__(self, config: AuditConfig, data_dir: Path) -> None:
+        super().__init__()
         self.data_dir = data_dir
         self.sink = open_sink(config, data_dir)
         self._settings(config)
-        self._buffer: list[str] = []
-        self._size = 0
-        self._timer: asyncio.TimerHandle | None = None
         self._sync_timer: asyncio.TimerHandle | None = None
         self._last_sync = 0.0
         self._dirty = False
@@ -235,30 +232,11 @@ class AuditLog:
     def _append(self, line: str) -> None:
         if self.always:
             self._write(line.encode("utf-8"), sync=True)
-            return
-        self._buffer.append(line)
-        self._size += len(line)
-        if self._size >= FLUSH_BYTES:
-            self.flush()
-        elif self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()
-                return
-            self._timer = loop.call_later(FLUSH_SECONDS, self.flush)
+        else:
+            self.append(line)
 
-    def flush(self) -> None:
-        """Write what is buffered as one batch of whole lines."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self._buffer:
-            return
-        data = "".join(self._buffer).encode("utf-8")
-        self._buffer.clear()
-        self._size = 0
-        self._write(data, sync=False)
+    def _write_batch(self, data: str) -> None:
+        self._write(data.encode("utf-8"), sync=False)
         if self.interval:
             self._dirty = True
             self._maybe_sync()
