@@ -121,3 +121,37 @@ def test_rotate_refuses_a_revoked_key(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "revoked" in result.stderr
     assert result.stdout == ""
+
+
+def test_limits_set_replace_and_clear(tmp_path: Path) -> None:
+    key_id = _create(tmp_path, "svc", "--scope", "chat", "--rate", "5/minute")[3:15]
+
+    def stored() -> tuple[tuple[str, ...] | None, str | None]:
+        engine = open_store(default_url(tmp_path))
+        try:
+            record = ApiKeys(engine).get(key_id)
+        finally:
+            engine.dispose()
+        return record.rate, record.tokens
+
+    assert stored() == (("5/minute",), None)
+    done = garrison(tmp_path, "limits", key_id, "--rate", "60/minute", "--rate", "1000/day",
+                    "--tokens", "100000/day")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "60/minute, 1000/day, tokens 100000/day" in done.stdout
+    assert stored() == (("60/minute", "1000/day"), "100000/day")
+    cleared = garrison(tmp_path, "limits", key_id, "--clear")
+    assert cleared.returncode == 0 and "those of its routes" in cleared.stdout
+    assert stored() == (None, None)
+    audit = (tmp_path / "audit.log").read_text()
+    assert audit.count('"event":"key_limits_changed"') == 2
+    for args, message in [
+        ((key_id,), "or --clear"),
+        ((key_id, "--clear", "--rate", "1/second"), "or --clear"),
+        ((key_id, "--rate", "1e999/day"), "whole number"),
+        ((key_id, "--tokens", "lots"), "invalid token budget"),
+        (("nosuchkey0000", "--rate", "1/second"), "no API key"),
+    ]:
+        refused = garrison(tmp_path, "limits", *args)
+        assert refused.returncode == 1 and message in refused.stderr, (args, refused.stderr)
+    assert stored() == (None, None)  # nothing refused was stored

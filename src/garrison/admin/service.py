@@ -27,9 +27,8 @@ from garrison.admin.views import (
     UpstreamView,
     UserView,
 )
-from garrison.auth.apikeys import PREFIX, KeyRecord, UnknownApiKey
+from garrison.auth.apikeys import PREFIX, KeyRecord
 from garrison.auth.identity import Identity
-from garrison.auth.service import AuthService
 from garrison.auth.users import User
 from garrison.observe.audit import audit_path
 
@@ -215,7 +214,7 @@ class AdminService(CertAdmin):
         self, actor: Identity, key_id: str, rate: Sequence[str] | None, tokens: str | None
     ) -> KeyView:
         """The key's own rates and token budget (None: the routes' limits)."""
-        await self._run(lambda: _set_key_limits(self.auth, key_id, rate, tokens))
+        await self._run(lambda: self.auth.keys.set_limits(key_id, rate, tokens))
         view = await self.get_key(key_id)
         self._event(
             actor,
@@ -269,23 +268,3 @@ class AdminService(CertAdmin):
         files = audit_search.audit_files(audit_path(config, self.audit.data_dir), config.keep)
         query = audit_search.AuditQuery(identity, route, status, since, until, event, limit)
         return await asyncio.to_thread(audit_search.search, files, query)
-
-
-def _set_key_limits(
-    auth: AuthService, key_id: str, rate: Sequence[str] | None, tokens: str | None
-) -> None:
-    """ApiKeys has no limits setter yet: write the columns the same way create() does, with
-    the change notice, so every worker's cached identity is dropped."""
-    from sqlalchemy import update
-
-    from garrison.store.db import api_keys
-    from garrison.store.events import publish
-
-    rates = check_limits(rate, tokens)
-    with auth.engine.begin() as conn:
-        result = conn.execute(
-            update(api_keys).where(api_keys.c.id == key_id).values(rate=rates, tokens=tokens)
-        )
-        if result.rowcount != 1:
-            raise UnknownApiKey(f"no API key with id {key_id!r}")
-        publish(conn, "key", key_id)

@@ -230,6 +230,22 @@ class ApiKeys:
             raise UnknownApiKey(f"no API key with id {key_id!r}")
         return _record(row)
 
+    def set_limits(self, key_id: str, rate: Iterable[str] | None, tokens: str | None) -> KeyRecord:
+        """The key's own rates and token budget (None: the routes' limits apply). Every worker
+        drops its cached identity of the key with the change notice."""
+        rate_list = _check_limits(rate, tokens)
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == key_id)
+                .values(rate=rate_list, tokens=tokens)
+            )
+            if result.rowcount != 1:
+                raise UnknownApiKey(f"no API key with id {key_id!r}")
+            publish(conn, "key", key_id)
+            row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).one()
+        return _record(row)
+
     def rotate(self, key_id: str, grace_seconds: float = 0.0, now: float | None = None) -> str:
         """Give the key a new secret; the old one keeps working for `grace_seconds` (0: not at all).
 

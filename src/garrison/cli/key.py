@@ -177,3 +177,35 @@ def rotate(key_id: str, grace: str, data_dir: Path | None) -> None:
     else:
         click.echo(f"rotated API key {key_id}; the old key no longer works", err=True)
     click.echo("the key above is shown only once: store it now", err=True)
+
+
+@key.command("limits")
+@click.argument("key_id", metavar="ID")
+@click.option(
+    "--rate", "rates", multiple=True, help="Rate for this key, e.g. 60/minute (repeatable)."
+)
+@click.option("--tokens", default=None, help="LLM token budget for this key, e.g. 1e6/day.")
+@click.option("--clear", is_flag=True, help="Drop the key's own limits: the routes' apply.")
+@data_dir_option
+def limits(
+    key_id: str, rates: tuple[str, ...], tokens: str | None, clear: bool, data_dir: Path | None
+) -> None:
+    """Set a key's own rates and token budget (they replace what it had)."""
+    if clear == bool(rates or tokens):
+        _fail("give --rate and/or --tokens, or --clear (not both)")
+    with _keys(data_dir) as keys:
+        record = keys.set_limits(key_id, rates or None, tokens)
+    cli_event(
+        resolve_data_dir(data_dir),
+        "key_limits_changed",
+        {
+            "key_id": record.id,
+            "key_name": record.name,
+            "rate": list(record.rate or ()),
+            "tokens": record.tokens,
+        },
+    )
+    shown = ", ".join(
+        [*(record.rate or ()), *([f"tokens {record.tokens}"] if record.tokens else [])]
+    )
+    click.echo(f"API key {record.id} ({record.name}) limits: {shown or 'those of its routes'}")
