@@ -274,6 +274,9 @@ def walk(page: Any, gw: GatewayProcess, shots: Path) -> None:
     # -- the overview again, now with traffic --
     go(page, gw, "")
     assert int(page.get_by_test_id("stat-requests").inner_text().replace(",", "")) > 0
+    upstream_health = page.locator("section.card table tbody tr td .badge").first
+    assert upstream_health.text_content() == "healthy"  # the upstream answered: known, up
+    assert upstream_health.get_attribute("class") == "badge ok"
     shot(page, shots, "10_overview_after")
     page.set_viewport_size({"width": 420, "height": 860})  # a phone: one column, nav on top
     go(page, gw, "keys")
