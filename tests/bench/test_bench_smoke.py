@@ -193,4 +193,4 @@ def test_garrison_bare_is_measured_without_an_audit_log(tmp_path: Path) -> None:
     assert (off.parent / "access.log").stat().st_size > 0
     text = cli.write_report(results, tmp_path / "report.md")
     assert "## Audit log and metrics: the cost per request" in text
-    assert "| keep-alive 32: Garrison / Garrison without audit + metrics req/s | " in text
+    assert "| keep-alive 32: Garrison / Garrison without audit + metrics req/s (paired) | " in text
