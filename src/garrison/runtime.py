@@ -19,6 +19,7 @@ from garrison.http.upstream import UpstreamPool
 from garrison.limits.fair import FairGate
 from garrison.limits.memory import MemoryBackend
 from garrison.limits.model import Backend, Budget, Rate
+from garrison.observe import metrics
 from garrison.observe.accesslog import AccessLog
 from garrison.observe.audit import AuditLog
 from garrison.pipeline.auth_endpoints import AuthEndpoints
@@ -113,6 +114,7 @@ def build_runtime(
         )
         for u in config.upstream
     }
+    metrics.track_upstreams(pools)
     audit = audit if audit is not None else AuditLog.disabled()
     endpoints = GatewayEndpoints()
     auth_endpoints = AuthEndpoints(auth, audit)

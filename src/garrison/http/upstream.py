@@ -315,6 +315,11 @@ class UpstreamPool:
         self.health.failed(str(error))
         raise error
 
+    @property
+    def busy(self) -> int:
+        """Connections carrying a request now: one per request in flight (HTTP/1.1)."""
+        return len(self._all) - len(self._idle)
+
     def release(self, conn: UpstreamConnection) -> None:
         if self.closed or len(self._idle) >= self.max_idle or conn.transport is None:
             if conn.transport is not None:

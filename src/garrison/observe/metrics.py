@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -171,7 +171,7 @@ slots_held = Gauge(
 )
 upstream_in_flight = Gauge(
     "garrison_upstream_in_flight",
-    "Requests holding one of an upstream's max_in_flight slots.",
+    "Requests at the upstream now (its connections carrying a request), every upstream.",
     ["upstream"],
     multiprocess_mode="livesum",
     registry=REGISTRY,
@@ -206,8 +206,14 @@ def track_limits(backend: object, gates: dict[str, Any]) -> None:
     if held is not None:
         _track(slots_held, "", held)
     for name, gate in gates.items():
-        _track(upstream_in_flight, name, lambda g=gate: g.in_flight)
         _track(upstream_queued, name, lambda g=gate: g.queued)
+
+
+def track_upstreams(pools: Mapping[str, Any]) -> None:
+    """In flight per upstream, read from its connection pool at scrape time (nothing per
+    request); a reload's new pools replace the old ones here."""
+    for name, pool in pools.items():
+        _track(upstream_in_flight, name, lambda p=pool: p.busy)
 
 
 acme_attempts = Counter(
