@@ -27,15 +27,12 @@ import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from garrison.auth.jwt_keys import Key, jwks_keys, load_key_file, load_secret
 from garrison.auth.signing import ALGORITHM as OWN_ALGORITHM
 from garrison.auth.signing import SigningKeys
 from garrison.config import JwtIssuerConfig
@@ -47,10 +44,6 @@ JWKS_TIMEOUT = 5.0
 MAX_JWKS_BYTES = 512 * 1024
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 _SIGNATURE = re.compile(r"[A-Za-z0-9_-]*")
-_EC_CURVES = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
-_EC_KEY_CURVES = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-_HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
-_MIN_RSA_BITS = 2048
 # Claims that verification depends on; `extra` may not set them (roles, email and scope it may,
 # and the keyword arguments win when given).
 _RESERVED = frozenset({"iss", "sub", "aud", "iat", "nbf", "exp", "jti"})
@@ -93,12 +86,6 @@ class UnknownKey(InvalidToken):
     def __init__(self, issuer: str) -> None:
         super().__init__("unknown signing key")
         self.issuer = issuer
-
-
-@dataclass(frozen=True, slots=True)
-class _Key:
-    alg: str
-    key: Any  # a cryptography public key, or bytes for an HMAC secret
 
 
 class _Issuer:
@@ -144,11 +131,11 @@ class _Issuer:
         self.email_claim = email_claim
         self.roles_claim = roles_claim
         self.scope_claim = scope_claim
-        self.keys: dict[str | None, _Key] = {}
+        self.keys: dict[str | None, Key] = {}
         self.inflight: asyncio.Future[bool] | None = None
         self.last_refresh = -math.inf
 
-    def key_for(self, kid: str | None) -> _Key | None:
+    def key_for(self, kid: str | None) -> Key | None:
         """The key named by kid; a token without kid only works for an issuer with one key."""
         keys = self.keys
         if kid is not None:
@@ -247,9 +234,9 @@ class TokenVerifier:
                 scope_claim=config.scope_claim,
             )
             if config.key_file is not None:
-                issuer.keys = _load_key_file(config.key_file, issuer.algorithms, config.issuer)
+                issuer.keys = load_key_file(config.key_file, issuer.algorithms, config.issuer)
             elif config.secret_file is not None:
-                issuer.keys = _load_secret(config.secret_file, issuer.algorithms, config.issuer)
+                issuer.keys = load_secret(config.secret_file, issuer.algorithms, config.issuer)
             self._issuers[config.issuer] = issuer
         self.reload_own_keys()
 
@@ -260,7 +247,7 @@ class TokenVerifier:
         if self._own_keys is None:
             return
         own = next(i for i in self._issuers.values() if i.own)
-        own.keys = {kid: _Key(OWN_ALGORITHM, k) for kid, k in self._own_keys.public_keys().items()}
+        own.keys = {kid: Key(OWN_ALGORITHM, k) for kid, k in self._own_keys.public_keys().items()}
         self._cache.clear()
 
     async def start(self) -> None:
@@ -297,7 +284,7 @@ class TokenVerifier:
                 body = await response.content.read(MAX_JWKS_BYTES + 1)
             if len(body) > MAX_JWKS_BYTES:
                 raise ValueError("JWKS document too large")
-            keys = _jwks_keys(json.loads(body), issuer.algorithms, issuer.name)
+            keys = jwks_keys(json.loads(body), issuer.algorithms, issuer.name)
         except Exception as exc:  # any failure: keep the old keys, log, fail closed
             log.warning("jwt issuer %s: JWKS fetch from %s failed: %s", issuer.name, url, exc)
             return False
@@ -492,108 +479,3 @@ def _strings(value: Any, separators: str) -> tuple[str, ...]:
     if isinstance(value, list):
         return tuple(s for s in value if isinstance(s, str) and s)
     return ()
-
-
-# -- external keys ------------------------------------------------------------------------------
-
-
-def _alg_for_public_key(key: Any, allowed: Sequence[str]) -> str | None:
-    """The one configured algorithm this key can verify, or None if none or several fit."""
-    if isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < _MIN_RSA_BITS:
-            return None
-        fits = [a for a in allowed if a[:2] in ("RS", "PS")]
-    elif isinstance(key, ec.EllipticCurvePublicKey):
-        fits = [a for a in allowed if a == _EC_KEY_CURVES.get(key.curve.name)]
-    elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
-        fits = [a for a in allowed if a == "EdDSA"]
-    else:
-        fits = []
-    return fits[0] if len(fits) == 1 else None
-
-
-def _jwk_key(jwk: Any, allowed: Sequence[str]) -> tuple[str | None, _Key] | None:
-    """One JWK as (kid, key), or None to ignore it. Symmetric ("oct") keys are never taken
-    from a JWKS: HMAC keys come only from secret_file."""
-    if not isinstance(jwk, dict) or jwk.get("kty") not in ("RSA", "EC", "OKP"):
-        return None
-    if jwk.get("use", "sig") != "sig":
-        return None
-    kid = jwk.get("kid")
-    if kid is not None and not isinstance(kid, str):
-        return None
-    alg = jwk.get("alg")
-    if alg is not None and (not isinstance(alg, str) or alg not in allowed):
-        return None
-    if alg is None:
-        crv = jwk.get("crv")
-        if jwk["kty"] == "RSA":
-            fits = [a for a in allowed if a[:2] in ("RS", "PS")]
-        elif jwk["kty"] == "EC":
-            fits = [a for a in allowed if a == _EC_CURVES.get(crv)]
-        else:
-            fits = [a for a in allowed if a == "EdDSA" and crv in ("Ed25519", "Ed448")]
-        if len(fits) != 1:
-            return None
-        alg = fits[0]
-    try:
-        key = jwt.PyJWK(jwk, algorithm=alg).key
-    except (jwt.PyJWTError, ValueError, TypeError, KeyError):
-        return None
-    # The key itself must fit its algorithm (curve, RSA size), whatever the JWK claims.
-    if _alg_for_public_key(key, [alg]) != alg:
-        return None
-    return kid, _Key(alg, key)
-
-
-def _jwks_keys(doc: Any, allowed: Sequence[str], issuer: str) -> dict[str | None, _Key]:
-    """The usable keys of a JWKS document (or of a single JWK); unusable ones are logged."""
-    entries = doc.get("keys") if isinstance(doc, dict) and "keys" in doc else [doc]
-    if not isinstance(entries, list):
-        raise ValueError("not a JWKS document")
-    keys: dict[str | None, _Key] = {}
-    for entry in entries:
-        found = _jwk_key(entry, allowed)
-        if found is None:
-            kid = entry.get("kid") if isinstance(entry, dict) else None
-            log.info("jwt issuer %s: ignoring key %r (unusable with %s)", issuer, kid, allowed)
-            continue
-        kid, key = found
-        if kid in keys:
-            raise ValueError(f"kid {kid!r} appears twice")
-        keys[kid] = key
-    return keys
-
-
-def _load_key_file(path: Path, allowed: Sequence[str], issuer: str) -> dict[str | None, _Key]:
-    """A PEM public key or certificate, or a JWKS JSON file. Config mistakes raise ValueError."""
-    data = path.read_bytes()
-    if data.lstrip().startswith(b"{"):
-        keys = _jwks_keys(json.loads(data), allowed, issuer)
-        if not keys:
-            raise ValueError(f"jwt issuer {issuer!r}: {path} has no key usable with {allowed}")
-        return keys
-    if b"-----BEGIN CERTIFICATE-----" in data:
-        key: Any = x509.load_pem_x509_certificate(data).public_key()
-    else:
-        key = load_pem_public_key(data)
-    alg = _alg_for_public_key(key, allowed)
-    if alg is None:
-        raise ValueError(
-            f"jwt issuer {issuer!r}: the key in {path} fits none or several of {allowed}"
-            " (RSA keys need 2048 bits or more; list exactly one algorithm for the key)"
-        )
-    return {None: _Key(alg, key)}
-
-
-def _load_secret(path: Path, allowed: Sequence[str], issuer: str) -> dict[str | None, _Key]:
-    """An HMAC secret (surrounding whitespace stripped), bound to the one configured HS*."""
-    if len(allowed) != 1 or allowed[0] not in _HMAC_MIN_BYTES:
-        raise ValueError(f"jwt issuer {issuer!r}: secret_file needs exactly one HS* algorithm")
-    secret = path.read_bytes().strip()
-    if len(secret) < _HMAC_MIN_BYTES[allowed[0]]:
-        raise ValueError(
-            f"jwt issuer {issuer!r}: {allowed[0]} needs a secret of at least "
-            f"{_HMAC_MIN_BYTES[allowed[0]]} bytes (RFC 7518 §3.2)"
-        )
-    return {None: _Key(allowed[0], secret)}
