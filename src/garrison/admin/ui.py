@@ -212,37 +212,82 @@ async def _cert(ui: AdminUI, serial: str) -> Any:
     return next((c for c in await ui.service.list_certs() if c.serial == serial), None)
 
 
+Shown = Callable[[AdminUI, Exchange, "Identity", Any], Reply]
+
+
+def _about(
+    find: Callable[[AdminUI, str], Awaitable[Any]], field: str, section: str, title: str, text: str
+) -> Callable[[Shown], PageHandler]:
+    """For the pages about one key or certificate, named by the query's `field`: `find` looks
+    it up, and one that does not exist is a 404 page (`title`, `text`) that leads back to
+    `section`; the decorated function shows the one found."""
+
+    def wrap(show: Shown) -> PageHandler:
+        async def page(ui: AdminUI, ex: Exchange, who: Identity, q: Query) -> Reply:
+            found = await find(ui, q.get(field, ""))
+            if found is None:
+                return ui.error(ex, who, 404, title, text, section)
+            return show(ui, ex, who, found)
+
+        return page
+
+    return wrap
+
+
+_about_key = _about(_key, "id", "keys", "No such key", "That API key does not exist.")
+_about_cert = _about(_cert, "serial", "certs", "No such certificate", "Unknown serial.")
+
+
+REVOKE_PAGES = {  # section: (its list's label, the page's title, the button, reasons offered)
+    "keys": ("API keys", "Revoke API key", "Revoke key", ()),
+    "certs": (
+        "Client certificates",
+        "Revoke client certificate",
+        "Revoke certificate",
+        CERT_REASONS,
+    ),
+}
+
+
+def _confirm_revoke(
+    ui: AdminUI, ex: Exchange, who: Identity, section: str, hidden: dict[str, str], message: str
+) -> Reply:
+    """The confirm page before a revocation in `section` (REVOKE_PAGES): its form posts
+    `hidden` to `<section>/revoke`, and Cancel goes back to the section's list."""
+    back_label, title, button, reasons = REVOKE_PAGES[section]
+    return ui.page(
+        ex,
+        who,
+        "confirm.html",
+        title=title,
+        nav=section,
+        message=message,
+        action=f"{section}/revoke",
+        hidden=hidden,
+        button=button,
+        back=section,
+        back_label=back_label,
+        reasons=reasons,
+    )
+
+
 async def keys(ui: AdminUI, ex: Exchange, who: Identity, q: Query, **extra: Any) -> Reply:
     found = await ui.service.list_keys()
     return ui.page(ex, who, "keys.html", title="API keys", nav="keys", keys=found, **extra)
 
 
-async def key_edit(ui: AdminUI, ex: Exchange, who: Identity, q: Query) -> Reply:
-    key = await _key(ui, q.get("id", ""))
-    if key is None:
-        return ui.error(ex, who, 404, "No such key", "That API key does not exist.", "keys")
+@_about_key
+def key_edit(ui: AdminUI, ex: Exchange, who: Identity, key: Any) -> Reply:
     return ui.page(ex, who, "key.html", title=key.name, nav="keys", key=key)
 
 
-async def key_revoke(ui: AdminUI, ex: Exchange, who: Identity, q: Query) -> Reply:
-    key = await _key(ui, q.get("id", ""))
-    if key is None:
-        return ui.error(ex, who, 404, "No such key", "That API key does not exist.", "keys")
-    return ui.page(
-        ex,
-        who,
-        "confirm.html",
-        title="Revoke API key",
-        nav="keys",
-        message=f"Revoke the key “{key.name}” ({key.id})? Every request with it is refused "
-        "from now on. This cannot be undone.",
-        action="keys/revoke",
-        hidden={"id": key.id},
-        button="Revoke key",
-        back="keys",
-        back_label="API keys",
-        reasons=(),
+@_about_key
+def key_revoke(ui: AdminUI, ex: Exchange, who: Identity, key: Any) -> Reply:
+    message = (
+        f"Revoke the key “{key.name}” ({key.id})? Every request with it is refused "
+        "from now on. This cannot be undone."
     )
+    return _confirm_revoke(ui, ex, who, "keys", {"id": key.id}, message)
 
 
 async def certs(ui: AdminUI, ex: Exchange, who: Identity, q: Query, **extra: Any) -> Reply:
@@ -252,32 +297,18 @@ async def certs(ui: AdminUI, ex: Exchange, who: Identity, q: Query, **extra: Any
     )
 
 
-async def cert_renew(ui: AdminUI, ex: Exchange, who: Identity, q: Query) -> Reply:
-    cert = await _cert(ui, q.get("serial", ""))
-    if cert is None:
-        return ui.error(ex, who, 404, "No such certificate", "Unknown serial.", "certs")
+@_about_cert
+def cert_renew(ui: AdminUI, ex: Exchange, who: Identity, cert: Any) -> Reply:
     return ui.page(ex, who, "cert_renew.html", title="Renew", nav="certs", cert=cert)
 
 
-async def cert_revoke(ui: AdminUI, ex: Exchange, who: Identity, q: Query) -> Reply:
-    cert = await _cert(ui, q.get("serial", ""))
-    if cert is None:
-        return ui.error(ex, who, 404, "No such certificate", "Unknown serial.", "certs")
-    return ui.page(
-        ex,
-        who,
-        "confirm.html",
-        title="Revoke client certificate",
-        nav="certs",
-        message=f"Revoke the certificate “{cert.name}”? It goes on the revocation list and "
-        "is refused at the next TLS handshake. This cannot be undone.",
-        action="certs/revoke",
-        hidden={"serial": cert.serial},
-        button="Revoke certificate",
-        back="certs",
-        back_label="Client certificates",
-        reasons=CERT_REASONS,
+@_about_cert
+def cert_revoke(ui: AdminUI, ex: Exchange, who: Identity, cert: Any) -> Reply:
+    message = (
+        f"Revoke the certificate “{cert.name}”? It goes on the revocation list and "
+        "is refused at the next TLS handshake. This cannot be undone."
     )
+    return _confirm_revoke(ui, ex, who, "certs", {"serial": cert.serial}, message)
 
 
 async def sessions(ui: AdminUI, ex: Exchange, who: Identity, q: Query) -> Reply:
@@ -299,36 +330,26 @@ async def audit(ui: AdminUI, ex: Exchange, who: Identity, q: Query) -> Reply:
     fields = ("identity", "route", "status", "event", "since", "until")
     shown = {k: q.get(k, "").strip() for k in fields}
     rows: list[dict[str, Any]] = []
+    flash: tuple[str, str] | None = None
     status = shown["status"]
     if status and not status.isdigit():
-        return ui.page(
-            ex,
-            who,
-            "audit.html",
-            title="Audit log",
-            nav="audit",
-            q=shown,
-            rows=rows,
-            events=AUDIT_EVENTS,
-            limit=AUDIT_LIMIT,
-            flash=("error", "Status must be a number."),
-        )
-    flash: tuple[str, str] | None = None
-    try:
-        found = await ui.service.search_audit(
-            identity=shown["identity"] or None,
-            route=shown["route"] or None,
-            status=int(status) if status else None,
-            since=_epoch(shown["since"]),
-            until=_epoch(shown["until"]),
-            event=shown["event"] or None,
-            limit=AUDIT_LIMIT,
-        )
-    except AdminError as exc:
-        found, flash = [], ("error", exc.message)
-    rows = [{k: line.get(k) for k in AUDIT_KEYS} for line in found]
-    for row in rows:
-        row["identity"] = row["identity"] or row["user"] or row["by"]
+        flash = ("error", "Status must be a number.")
+    else:
+        try:
+            found = await ui.service.search_audit(
+                identity=shown["identity"] or None,
+                route=shown["route"] or None,
+                status=int(status) if status else None,
+                since=_epoch(shown["since"]),
+                until=_epoch(shown["until"]),
+                event=shown["event"] or None,
+                limit=AUDIT_LIMIT,
+            )
+        except AdminError as exc:
+            found, flash = [], ("error", exc.message)
+        rows = [{k: line.get(k) for k in AUDIT_KEYS} for line in found]
+        for row in rows:
+            row["identity"] = row["identity"] or row["user"] or row["by"]
     return ui.page(
         ex,
         who,

@@ -124,6 +124,22 @@ async def user_roles(ui: AdminUI, ex: Exchange, who: Identity, form: Form) -> Re
 
 
 # -- API keys -------------------------------------------------------------------------------
+def _key_secret_page(
+    ui: AdminUI, ex: Exchange, who: Identity, key: Any, secret: str, rotated: bool
+) -> Reply:
+    """The one page that shows a new (or rotated) key's secret."""
+    return ui.page(
+        ex,
+        who,
+        "key_secret.html",
+        title="API key",
+        nav="keys",
+        key=key,
+        secret=secret,
+        rotated=rotated,
+    )
+
+
 async def key_create(ui: AdminUI, ex: Exchange, who: Identity, form: Form) -> Reply:
     try:
         key, secret = await ui.service.create_key(
@@ -137,16 +153,7 @@ async def key_create(ui: AdminUI, ex: Exchange, who: Identity, form: Form) -> Re
         )
     except Refusal as exc:
         return await ui.again(ex, who, "keys", form, exc.message)
-    return ui.page(
-        ex,
-        who,
-        "key_secret.html",
-        title="API key",
-        nav="keys",
-        key=key,
-        secret=secret,
-        rotated=False,
-    )
+    return _key_secret_page(ui, ex, who, key, secret, rotated=False)
 
 
 async def key_revoke(ui: AdminUI, ex: Exchange, who: Identity, form: Form) -> Reply:
@@ -161,16 +168,7 @@ async def key_rotate(ui: AdminUI, ex: Exchange, who: Identity, form: Form) -> Re
         key, secret = await ui.service.rotate_key(who, key_id, grace_seconds=grace)
     except Refusal as exc:
         return redirect(_to("keys/edit", id=key_id), "error", exc.message)
-    return ui.page(
-        ex,
-        who,
-        "key_secret.html",
-        title="API key",
-        nav="keys",
-        key=key,
-        secret=secret,
-        rotated=True,
-    )
+    return _key_secret_page(ui, ex, who, key, secret, rotated=True)
 
 
 async def key_limits(ui: AdminUI, ex: Exchange, who: Identity, form: Form) -> Reply:
