@@ -51,12 +51,14 @@ def announce(https: socket.socket, redirect: socket.socket | None, config: Confi
     suffix = "" if port == 443 else f":{port}"
     if config.tls.source == "acme":  # a publicly trusted certificate: browse by its name
         say(f"open https://{config.tls.acme.names[0]}{suffix}/ (certificate from ACME)")
-        return
-    if config.tls.source == "files":
+    elif config.tls.source == "files":
         say(f"open https://<a name on your certificate>{suffix}/ (certificate from [tls.files])")
-        return
-    shown = "localhost" if host in ("0.0.0.0", "[::]", "127.0.0.1", "[::1]") else host
-    say(f"open https://{shown}:{port}/ in a browser or client that trusts the CA above")
+    else:
+        shown = "localhost" if host in ("0.0.0.0", "[::]", "127.0.0.1", "[::1]") else host
+        say(f"open https://{shown}:{port}/ in a browser or client that trusts the CA above")
+    if config.admin.enabled:
+        allowed = ", ".join(config.admin.allow) or "nowhere"
+        say(f"admin UI at /.garrison/admin/ for users with role admin (clients in {allowed})")
 
 
 def run_single(options: UpOptions, config: Config, data_dir: Path) -> int:
