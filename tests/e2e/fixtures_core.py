@@ -1,8 +1,11 @@
-"""Helpers shared by the core end-to-end tests (bad input, TLS, headers, paths).
+"""Helpers shared by the end-to-end tests (bad input, TLS, headers, paths, CORS, limits, metrics,
+the admin surface).
 
 Each test module builds its own module-scoped fixtures from these: a real `garrison up`
-subprocess on 127.0.0.1:0, a recording FakeUpstream, and raw requests over a real TLS socket
-whose answer is parsed by hand (status line, headers, body, and whether the gateway closed).
+subprocess on 127.0.0.1:0 with a config written from TOML snippets, a recording FakeUpstream
+or the demo app, httpx clients that trust only the gateway's CA, and raw requests over a real
+TLS socket whose answer is parsed by hand (status line, headers, body, and whether the gateway
+closed).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.support.gateway import GatewayProcess
@@ -58,6 +62,36 @@ def ipv6_loopback() -> bool:
     return True
 
 
+OPEN = 'auth = ["none"]'  # a route's line: anyone may call it
+
+
+def toml_table(header: str, *lines: str) -> str:
+    """One TOML table (`[[route]]`, `[metrics]`): its header, then `lines`, then a blank line."""
+    return "\n".join((header, *lines)) + "\n\n"
+
+
+def upstream_toml(name: str, url: str, *lines: str) -> str:
+    """An `[[upstream]]` table; `lines` are more of its keys, as TOML."""
+    return toml_table("[[upstream]]", f'name = "{name}"', f'url = "{url}"', *lines)
+
+
+def dead_upstream(name: str) -> str:
+    """An `[[upstream]]` at a loopback port nothing listens on."""
+    return upstream_toml(name, f"http://127.0.0.1:{closed_port()}")
+
+
+def route_toml(path: str, upstream: str = "app", *lines: str) -> str:
+    """A `[[route]]` table; `lines` are more of its keys (or its sub-tables), as TOML."""
+    return toml_table("[[route]]", f'path = "{path}"', f'upstream = "{upstream}"', *lines)
+
+
+def gateway_config(upstream_url: str, *tables: str, server: str = "") -> str:
+    """A config: `[server]` on 127.0.0.1:0 plus `server` lines, upstream "app" at
+    `upstream_url`, then `tables` (more upstreams, routes, sections) in their order."""
+    head = toml_table("[server]", 'listen = "127.0.0.1:0"', server)
+    return head + upstream_toml("app", upstream_url) + "".join(tables)
+
+
 def config(upstream_url: str, *, server: str = "", routes: str = "", upstreams: str = "") -> str:
     """A config: `[server]` on 127.0.0.1:0 plus `server` lines, upstream "app", route "/" last."""
     return f"""
@@ -75,6 +109,36 @@ path = "/"
 auth = ["none"]
 upstream = "app"
 """
+
+
+@contextmanager
+def demo_upstream() -> Iterator[str]:
+    """The bundled demo app, an OpenAI-compatible API that reports usage; yields its URL."""
+    from tests.e2e.conftest import DemoApp
+
+    app = DemoApp()
+    try:
+        yield app.url
+    finally:
+        app.stop()
+
+
+def client(
+    gw: GatewayProcess,
+    key: str | None = None,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> httpx.Client:
+    """An HTTPS client for `gw` that trusts only the gateway's CA; `key` goes as a bearer
+    token, with any other `headers`."""
+    sent = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(
+        base_url=gw.url,
+        verify=client_context(gw),
+        headers={**sent, **(headers or {})},
+        timeout=timeout,
+    )
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from garrison.config import validate
 from garrison.observe.audit import AuditLog
 from garrison.pipeline.endpoints import GatewayEndpoints
 from garrison.store.db import open_store
-from tests.e2e.fixtures_core import client_context, running_gateway
+from tests.e2e.fixtures_core import client, gateway_config, route_toml, running_gateway
 from tests.e2e.fixtures_stream import wait_until
 from tests.e2e.test_auth import cli, login
 from tests.support.gateway import ADMIN_PASSWORD, GatewayProcess
@@ -65,19 +65,7 @@ API_BODIES: dict[tuple[str, str], dict[str, object]] = {
 
 
 def config(upstream: str, admin: str = "") -> str:
-    return f"""
-[server]
-listen = "127.0.0.1:0"
-
-[[upstream]]
-name = "app"
-url = "{upstream}"
-
-[[route]]
-path = "/app/"
-upstream = "app"
-{admin}
-"""
+    return gateway_config(upstream, route_toml("/app/"), admin)
 
 
 def registry_routes(tmp: Path) -> list[tuple[str, str]]:
@@ -112,12 +100,6 @@ def targets(routes: list[tuple[str, str]], fill: dict[str, str]) -> list[Target]
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def gw(
     tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream
 ) -> Iterator[GatewayProcess]:
@@ -144,12 +126,6 @@ def key(gw: GatewayProcess, owner: str, *scopes: str) -> str:
     return cli(gw.data_dir, *args).strip()
 
 
-def http(gw: GatewayProcess, headers: dict[str, str] | None = None) -> httpx.Client:
-    return httpx.Client(
-        base_url=gw.url, verify=client_context(gw), headers=headers or {}, timeout=30
-    )
-
-
 @dataclass
 class World:
     gw: GatewayProcess
@@ -164,7 +140,7 @@ def world(
     gw: GatewayProcess, far_gw: GatewayProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[World]:
     admin_key = key(gw, "admin", "admin")
-    with closing(http(gw, {"Authorization": f"Bearer {admin_key}"})) as admin:
+    with closing(client(gw, admin_key)) as admin:
         cert = admin.post("/.garrison/api/certs", json={"name": "nina", "p12_password": "x" * 8})
         assert cert.status_code == 201, cert.text
         with closing(login(gw, "admin", ADMIN_PASSWORD)):
@@ -199,7 +175,7 @@ def refusals(gw: GatewayProcess) -> list[str]:
 
 
 def nina_token(w: World) -> str:
-    with closing(http(w.gw)) as c:
+    with closing(client(w.gw)) as c:
         resp = c.post("/.garrison/token", data={"username": "nina", "password": NINA_PASSWORD})
     assert resp.status_code == 200, resp.text
     return str(resp.json()["access_token"])
@@ -243,13 +219,13 @@ def test_refused_on_every_admin_page_and_call(world: World, case: str) -> None:
     assert len(api_routes) >= 20  # the registry is really read
     # A non-admin identity must be known to the workers before its refusal means anything.
     ready = {"X-API-Key": headers["X-API-Key"]} if "X-API-Key" in headers else headers
-    with closing(http(gw, ready)) as probe:
+    with closing(client(gw, headers=ready)) as probe:
         assert wait_until(lambda: probe.get("/app/x").status_code in (200, 403), WAIT_S)
     before, refused_before = snapshot(world.admin), len(refusals(gw))
     tried = targets(world.routes, world.fill)
     fields = {**FORM, **world.fill, "id": world.fill["key_id"], "user": "admin"}
     wrong: list[str] = []
-    with closing(http(gw, headers)) as c:
+    with closing(client(gw, headers=headers)) as c:
         for t in tried:
             if t.method == "GET":
                 resp = c.get(t.path, headers={"Accept": "text/html"} if form else None)

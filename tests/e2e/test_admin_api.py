@@ -26,7 +26,15 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from tests.e2e.fixtures_core import client_context, closed_port, running_gateway
+from tests.e2e.fixtures_core import (
+    OPEN,
+    client,
+    client_context,
+    dead_upstream,
+    gateway_config,
+    route_toml,
+    running_gateway,
+)
 from tests.e2e.fixtures_stream import wait_until
 from tests.e2e.test_auth import cli, login
 from tests.support.gateway import ADMIN_PASSWORD, GatewayProcess
@@ -40,34 +48,11 @@ FUZZ_EXAMPLES = 30  # per operation: the whole run stays well under two minutes
 
 
 def config(upstream: str) -> str:
-    return f"""
-[server]
-listen = "127.0.0.1:0"
-
-[[upstream]]
-name = "app"
-url = "{upstream}"
-
-[[route]]
-path = "/app/"
-upstream = "app"
-allow = {{ scopes = ["chat"] }}
-"""
+    return gateway_config(upstream, route_toml("/app/", "app", 'allow = { scopes = ["chat"] }'))
 
 
 def admin_key(gw: GatewayProcess) -> str:
     return cli(gw.data_dir, "key", "create", "ops", "--scope", "admin", "--owner", "admin").strip()
-
-
-def client(gw: GatewayProcess, key: str | None = None) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=gw.url, verify=client_context(gw), headers=headers, timeout=30)
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +116,7 @@ def test_overview_knows_which_upstream_is_down(
 ) -> None:
     """Both upstreams are probed at start (no traffic needed); a request to the dead one keeps
     it down, and the health gauge says the same to Prometheus."""
-    text = config(upstream.url) + (
-        f'\n[[upstream]]\nname = "gone"\nurl = "http://127.0.0.1:{closed_port()}"\n'
-        '\n[[route]]\npath = "/gone/"\nupstream = "gone"\nauth = ["none"]\n'
-    )
+    text = config(upstream.url) + dead_upstream("gone") + route_toml("/gone/", "gone", OPEN)
     with (
         running_gateway(tmp_path_factory.mktemp("admin-health"), text) as gw,
         closing(client(gw, admin_key(gw))) as c,

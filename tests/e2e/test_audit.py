@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -29,7 +28,9 @@ import psutil
 import pytest
 
 from garrison.observe.audit_sink import FileSink
-from tests.e2e.fixtures_stream import client_context, https, wait_until
+from tests.e2e.fixtures_core import OPEN, client, gateway_config, route_toml, toml_table
+from tests.e2e.fixtures_stream import https, wait_until
+from tests.e2e.test_auth import cli
 from tests.support.gateway import GatewayProcess
 from tests.support.upstream import FakeUpstream
 
@@ -46,62 +47,28 @@ LOAD_THREADS = 4
 MAX_REQUESTS_PER_THREAD = 400
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
-
-
 def config(upstream_url: str, audit: str, extra_routes: str = "") -> str:
-    return f"""
-[server]
-listen = "127.0.0.1:0"
-access_log = "off"
-
-[audit]
-{audit}
-
-[[upstream]]
-name = "app"
-url = "{upstream_url}"
-
-[[route]]
-path = "/v1/"
-upstream = "app"
-auth = ["api_key", "jwt"]
-token_alias = "/v1/token"
-
-[[route]]
-path = "/limited/"
-upstream = "app"
-auth = ["none"]
-rate = ["1/minute"]
-
-[[route]]
-path = "/public/"
-upstream = "app"
-auth = ["none"]
-{extra_routes}
-[[route]]
-path = "/"
-upstream = "app"
-"""
+    return gateway_config(
+        upstream_url,
+        toml_table("[audit]", audit),
+        route_toml("/v1/", "app", 'auth = ["api_key", "jwt"]', 'token_alias = "/v1/token"'),
+        route_toml("/limited/", "app", OPEN, 'rate = ["1/minute"]'),
+        route_toml("/public/", "app", OPEN),
+        extra_routes,
+        route_toml("/"),
+        server='access_log = "off"',
+    )
 
 
 def start(tmp: Path, text: str, *args: str) -> GatewayProcess:
     return GatewayProcess(list(args), tmp / "data", config_text=text)
 
 
-def cli(data_dir: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "garrison", *args, "--data-dir", str(data_dir)],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
+def garrison(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m garrison ARGS`, as an operator would run it; it may fail."""
+    return subprocess.run(
+        [sys.executable, "-m", "garrison", *args], capture_output=True, text=True, timeout=60
     )
-    assert result.returncode == 0, result.stderr
-    return result
 
 
 def audit_files(data_dir: Path) -> list[Path]:
@@ -155,11 +122,9 @@ def test_decisions_are_recorded_and_no_secret_is(tmp_path: Path, upstream: FakeU
     try:
         cli(data, "user", "add", "alice", "--role", "staff", "--password-stdin",
             stdin=ALICE_PASSWORD + "\n")  # fmt: skip
-        key = cli(data, "key", "create", "bot", "--scope", "chat", "--owner", "alice").stdout
-        key = key.strip()
+        key = cli(data, "key", "create", "bot", "--scope", "chat", "--owner", "alice").strip()
         (created,) = events(data, "key_created")
-        rotated = cli(data, "key", "rotate", str(created["key_id"]), "--grace", "1h").stdout
-        rotated = rotated.strip()
+        rotated = cli(data, "key", "rotate", str(created["key_id"]), "--grace", "1h").strip()
         p12_file = tmp_path / "p12.txt"
         p12_file.write_text(P12_PASSWORD + "\n")
         out = tmp_path / "certs"
@@ -167,7 +132,7 @@ def test_decisions_are_recorded_and_no_secret_is(tmp_path: Path, upstream: FakeU
             "--p12-password-file", str(p12_file))  # fmt: skip
         secrets += [key, rotated, (out / "carol.key").read_text().splitlines()[1]]
 
-        with httpx.Client(base_url=gw.url, verify=client_context(gw), timeout=30) as c:
+        with client(gw) as c:
             assert login(c, gw, "alice", WRONG_PASSWORD) == 401
             assert login(c, gw, TYPED_AS_USER, ALICE_PASSWORD) == 401
             assert login(c, gw, "alice", ALICE_PASSWORD) == 303
@@ -185,7 +150,7 @@ def test_decisions_are_recorded_and_no_secret_is(tmp_path: Path, upstream: FakeU
             secrets += [token, client_token]
             logout = c.post("/.garrison/logout", headers={"Origin": gw.url})
             assert logout.status_code == 303
-        with httpx.Client(base_url=gw.url, verify=client_context(gw), timeout=30) as c:
+        with client(gw) as c:
             bearer = {"Authorization": f"Bearer {rotated}"}
             assert c.get("/v1/models", headers=bearer).status_code == 200
             assert c.get("/v1/jwt", headers={"Authorization": f"Bearer {token}"}).status_code == 200
@@ -260,7 +225,7 @@ def test_full_bodies_warn_at_start_and_are_kept(tmp_path: Path, upstream: FakeUp
     gw = start(tmp_path, config(upstream.url, 'bodies = "full"\nfsync = "always"'))
     try:
         assert any('WARNING: [audit] bodies = "full"' in line for line in gw.lines), gw.output()
-        with httpx.Client(base_url=gw.url, verify=client_context(gw), timeout=30) as c:
+        with client(gw) as c:
             assert c.post("/public/p", content=b'{"prompt":"hello"}').status_code == 200
         (line,) = [r for r in events(gw.data_dir, "request") if r["path"] == "/public/p"]
         assert base64.b64decode(str(line["body_b64"])) == b'{"prompt":"hello"}'
@@ -345,8 +310,7 @@ def dead(proc: psutil.Process) -> bool:
 @pytest.mark.parametrize("fsync", ["always", "never"])
 def test_kill_9_under_load(tmp_path: Path, upstream: FakeUpstream, fsync: str) -> None:
     audit = f'max_size = "64KiB"\nkeep = 1000\nfsync = "{fsync}"'
-    routes = '\n[[route]]\npath = "/closed/"\nupstream = "app"\n'
-    gw = start(tmp_path, config(upstream.url, audit, routes), "--workers", "2")
+    gw = start(tmp_path, config(upstream.url, audit, route_toml("/closed/")), "--workers", "2")
     try:
         processes = [psutil.Process(gw.proc.pid), *psutil.Process(gw.proc.pid).children()]
         with Load(gw, "/public/k/") as load, Load(gw, "/closed/k/") as refused:
@@ -378,12 +342,7 @@ def test_config_mistakes_are_clear(tmp_path: Path) -> None:
         '[[upstream]]\nname = "a"\nurl = "http://127.0.0.1:9"\n'
         '[[route]]\npath = "/"\nupstream = "a"\n'
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "garrison", "check", "--config", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = garrison("check", "--config", str(bad))
     assert result.returncode == 1
     assert "audit.fsync: Input should be 'never', 'interval' or 'always'" in result.stderr
     assert "audit.max_size: at least 4KiB" in result.stderr
@@ -392,12 +351,7 @@ def test_config_mistakes_are_clear(tmp_path: Path) -> None:
     full = tmp_path / "full.toml"
     full.write_text(bad.read_text().replace('fsync = "sometimes"', 'bodies = "full"')
                     .replace('max_size = "1KiB"', ""))  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "-m", "garrison", "check", "--config", str(full)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = garrison("check", "--config", str(full))
     assert result.returncode == 0, result.stderr
     assert 'WARNING: [audit] bodies = "full"' in result.stderr
 
@@ -409,13 +363,7 @@ def test_config_mistakes_are_clear(tmp_path: Path) -> None:
         '[[upstream]]\nname = "a"\nurl = "http://127.0.0.1:9"\n'
         '[[route]]\npath = "/"\nupstream = "a"\n'
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "garrison", "up", "--config", str(unusable),
-         "--data-dir", str(tmp_path / "data")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )  # fmt: skip
+    result = garrison("up", "--config", str(unusable), "--data-dir", str(tmp_path / "data"))
     assert result.returncode == 1
     assert f"cannot open the audit log {blocker}/audit.log" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
@@ -427,7 +375,7 @@ def test_reload_moves_the_audit_log_and_refuses_an_unusable_one(
     gw = start(tmp_path, config(upstream.url, ""))
     moved = tmp_path / "moved" / "audit.log"
     try:
-        with httpx.Client(base_url=gw.url, verify=client_context(gw), timeout=30) as c:
+        with client(gw) as c:
             assert c.get("/public/before").status_code == 200
             gw.config_path.write_text(config(upstream.url, f'path = "{moved}"\nfsync = "always"'))
             gw.signal(signal.SIGHUP)

@@ -20,7 +20,15 @@ import pytest
 from aiohttp import web
 
 from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS, spki_hash
-from tests.e2e.fixtures_core import client_context, closed_port, running_gateway
+from tests.e2e.fixtures_core import (
+    OPEN,
+    client,
+    dead_upstream,
+    gateway_config,
+    route_toml,
+    running_gateway,
+    toml_table,
+)
 from tests.e2e.test_auth import Counting
 from tests.support.gateway import ADMIN_PASSWORD, GatewayProcess
 from tests.support.upstream import BackgroundApp, FakeUpstream
@@ -84,83 +92,41 @@ def pages() -> Iterator[PageServer]:
 def gw(
     tmp_path_factory: pytest.TempPathFactory, upstream: PermissiveApp, pages: PageServer
 ) -> Iterator[GatewayProcess]:
-    text = f"""
-[server]
-listen = "127.0.0.1:0"
-
-[cors]
-allow_origins = ["{APP}", "http://127.0.0.1:{pages.port}"]
-allow_credentials = true
-expose_headers = ["X-Request-Id"]
-max_age = "5m"
-
-[[upstream]]
-name = "app"
-url = "{upstream.url}"
-
-[[upstream]]
-name = "dead"
-url = "http://127.0.0.1:{closed_port()}"
-
-[[route]]
-path = "/down/"
-upstream = "dead"
-auth = ["none"]
-
-[[route]]
-path = "/api/"
-upstream = "app"
-
-[[route]]
-path = "/rated/"
-upstream = "app"
-auth = ["none"]
-rate = ["2/minute"]
-
-[[route]]
-path = "/browser/"
-upstream = "app"
-auth = ["none"]
-rate = ["100/minute"]
-
-[[route]]
-path = "/pub/"
-upstream = "app"
-auth = ["none"]
-
-[[route]]
-path = "/off/"
-upstream = "app"
-auth = ["none"]
-cors = false
-
-[[route]]
-path = "/legacy/"
-upstream = "app"
-auth = ["none"]
-cors = false
-cors_passthrough = true
-
-[[route]]
-path = "/own/"
-upstream = "app"
-auth = ["none"]
-[route.cors]
-allow_origins = ["https://other.example.com"]
-allow_methods = ["GET", "PUT"]
-
-[[route]]
-path = "/v1/"
-upstream = "app"
-token_alias = "/v1/token"
-"""
+    cors = toml_table(
+        "[cors]",
+        f'allow_origins = ["{APP}", "http://127.0.0.1:{pages.port}"]',
+        "allow_credentials = true",
+        'expose_headers = ["X-Request-Id"]',
+        'max_age = "5m"',
+    )
+    text = gateway_config(
+        upstream.url,
+        cors,
+        dead_upstream("dead"),
+        route_toml("/down/", "dead", OPEN),
+        route_toml("/api/"),
+        route_toml("/rated/", "app", OPEN, 'rate = ["2/minute"]'),
+        route_toml("/browser/", "app", OPEN, 'rate = ["100/minute"]'),
+        route_toml("/pub/", "app", OPEN),
+        route_toml("/off/", "app", OPEN, "cors = false"),
+        route_toml("/legacy/", "app", OPEN, "cors = false", "cors_passthrough = true"),
+        route_toml(
+            "/own/",
+            "app",
+            OPEN,
+            "[route.cors]",
+            'allow_origins = ["https://other.example.com"]',
+            'allow_methods = ["GET", "PUT"]',
+        ),
+        route_toml("/v1/", "app", 'token_alias = "/v1/token"'),
+    )
     with running_gateway(tmp_path_factory.mktemp("cors"), text) as gateway:
         yield gateway
 
 
 @pytest.fixture
 def http(gw: GatewayProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=gw.url, verify=client_context(gw), timeout=30) as c:
+    with client(gw) as c:
         yield c
 
 
@@ -288,7 +254,7 @@ def test_reload_swaps_the_policy_and_a_bad_one_is_refused(
     first = RELOAD_CONFIG.format(cors=f'allow_origins = ["{APP}"]', url=upstream.url)
     with running_gateway(tmp_path, first) as gw:
         path = gw.config_path
-        with httpx.Client(base_url=gw.url, verify=client_context(gw), timeout=30) as c:
+        with client(gw) as c:
             assert_cors_origin(c.get("/x", headers={"Origin": APP}), APP)
             other = "https://b.example.com"
             path.write_text(

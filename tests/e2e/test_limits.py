@@ -19,7 +19,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.fixtures_core import client_context, running_gateway
+from tests.e2e.fixtures_core import (
+    OPEN,
+    client,
+    demo_upstream,
+    gateway_config,
+    route_toml,
+    running_gateway,
+    upstream_toml,
+)
 from tests.e2e.test_auth import Counting, cli, new_key
 from tests.support.gateway import GatewayProcess, tls_socket
 from tests.support.upstream import FakeUpstream
@@ -28,82 +36,29 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The bundled demo app: an OpenAI-compatible API that reports usage."""
-    from tests.e2e.conftest import DemoApp
-
-    app = DemoApp()
-    try:
-        yield app.url
-    finally:
-        app.stop()
+def demo() -> Iterator[str]:
+    with demo_upstream() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def gw(
     tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream, demo: str
 ) -> Iterator[GatewayProcess]:
-    text = f"""
-[server]
-listen = "127.0.0.1:0"
-
-[[upstream]]
-name = "app"
-url = "{upstream.url}"
-
-[[upstream]]
-name = "gpu"
-url = "{upstream.url}"
-max_in_flight = 1
-
-[[upstream]]
-name = "llm"
-url = "{demo}"
-
-[[route]]
-path = "/rated/"
-upstream = "app"
-rate = ["5/minute"]
-
-[[route]]
-path = "/anon/"
-upstream = "app"
-auth = ["none"]
-rate = ["3/minute"]
-
-[[route]]
-path = "/streams/"
-upstream = "app"
-strip_prefix = true
-concurrency = 3
-queue_timeout = "2s"
-
-[[route]]
-path = "/gpu/"
-upstream = "gpu"
-strip_prefix = true
-queue_timeout = "30s"
-
-[[route]]
-path = "/v1/"
-upstream = "llm"
-tokens = "20/minute"
-"""
+    text = gateway_config(
+        upstream.url,
+        upstream_toml("gpu", upstream.url, "max_in_flight = 1"),
+        upstream_toml("llm", demo),
+        route_toml("/rated/", "app", 'rate = ["5/minute"]'),
+        route_toml("/anon/", "app", OPEN, 'rate = ["3/minute"]'),
+        route_toml(
+            "/streams/", "app", "strip_prefix = true", "concurrency = 3", 'queue_timeout = "2s"'
+        ),
+        route_toml("/gpu/", "gpu", "strip_prefix = true", 'queue_timeout = "30s"'),
+        route_toml("/v1/", "llm", 'tokens = "20/minute"'),
+    )
     with running_gateway(tmp_path_factory.mktemp("limits"), text) as gateway:
         yield gateway
-
-
-def client(gw: GatewayProcess, key: str | None = None, timeout: float = 30) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(
-        base_url=gw.url, verify=client_context(gw), headers=headers, timeout=timeout
-    )
 
 
 def metric(gw: GatewayProcess, name: str) -> float:

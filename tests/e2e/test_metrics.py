@@ -18,7 +18,17 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.fixtures_core import ci, client_context, closed_port, running_gateway
+from tests.e2e.fixtures_core import (
+    OPEN,
+    ci,
+    client_context,
+    dead_upstream,
+    demo_upstream,
+    gateway_config,
+    route_toml,
+    running_gateway,
+    upstream_toml,
+)
 from tests.e2e.fixtures_stream import wait_until
 from tests.e2e.test_auth import cli, login, new_key
 from tests.e2e.test_limits import _chat
@@ -34,65 +44,23 @@ FLUSH_WAIT_S = 10.0  # workers flush every second; this bounds how long a failur
 
 
 def config(upstream: str, demo: str, metrics: str = "") -> str:
-    return f"""
-[server]
-listen = "127.0.0.1:0"
-
-[[upstream]]
-name = "app"
-url = "{upstream}"
-
-[[upstream]]
-name = "gone"
-url = "http://127.0.0.1:{closed_port()}"
-
-[[upstream]]
-name = "llm"
-url = "{demo}"
-
-[[route]]
-path = "/open/"
-upstream = "app"
-auth = ["none"]
-
-[[route]]
-path = "/keyed/"
-upstream = "app"
-
-[[route]]
-path = "/rated/"
-upstream = "app"
-auth = ["none"]
-rate = ["2/minute"]
-
-[[route]]
-path = "/broken/"
-upstream = "gone"
-auth = ["none"]
-
-[[route]]
-path = "/v1/"
-upstream = "llm"
-tokens = "100000/minute"
-{metrics}
-"""
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
+    return gateway_config(
+        upstream,
+        dead_upstream("gone"),
+        upstream_toml("llm", demo),
+        route_toml("/open/", "app", OPEN),
+        route_toml("/keyed/"),
+        route_toml("/rated/", "app", OPEN, 'rate = ["2/minute"]'),
+        route_toml("/broken/", "gone", OPEN),
+        route_toml("/v1/", "llm", 'tokens = "100000/minute"'),
+        metrics,
+    )
 
 
 @pytest.fixture(scope="module")
 def demo() -> Iterator[str]:
-    from tests.e2e.conftest import DemoApp
-
-    app = DemoApp()
-    try:
-        yield app.url
-    finally:
-        app.stop()
+    with demo_upstream() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
