@@ -40,6 +40,7 @@ def test_filters(tmp_path: Path) -> None:
             {"ts": "2026-01-03T00:00:00.000Z", "event": "key_revoked", "by": "admin:root"},
             {"ts": "2026-01-04T00:00:00.000Z", "event": "login_ok", "user": "carol"},
             {"ts": "bad", "event": "request", "identity": "carol", "body_b64": "c2VjcmV0"},
+            {"ts": "2026-01-05T00:00:00.000Z", "event": "request", "key_id": "k3y1d"},
         ],
     )
     files = [log]
@@ -55,7 +56,8 @@ def test_filters(tmp_path: Path) -> None:
         "2026-01-03T00:00:00.000Z",
         "2026-01-02T00:00:00.000Z",
     ]
-    assert events(event="request", limit=1) == ["bad"]
+    assert events(identity="k3y1d") == ["2026-01-05T00:00:00.000Z"]  # a refused key's line
+    assert events(event="request", limit=1) == ["2026-01-05T00:00:00.000Z"]
     assert "body_b64" not in search(files, AuditQuery(identity="carol"))[0]
 
 

@@ -104,6 +104,11 @@ def key_lifecycle(gw: GatewayProcess, admin: httpx.Client, user: str) -> None:
     assert "identity" not in line  # a refused key proves nobody's identity
     changes = admin.get(f"{API}/audit", params={"event": "key_revoked", "identity": "admin:admin"})
     assert [c["key_id"] for c in changes.json()][:1] == [key_id]
+    # Searching by the key id finds its whole story: created, used, revoked, refused.
+    story = admin.get(f"{API}/audit", params={"identity": key_id, "limit": 100}).json()
+    kinds = {(r["event"], r.get("decision")) for r in story}
+    assert {("key_created", None), ("key_revoked", None)} <= kinds
+    assert {("request", "allowed"), ("request", "refused")} <= kinds
 
 
 def test_user_and_key_lifecycle(gw: GatewayProcess, admin: httpx.Client) -> None:

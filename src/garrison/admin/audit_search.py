@@ -25,7 +25,7 @@ MAX_LINE = 64 * 1024  # longer lines (bodies = "full") are skipped, not parsed
 
 @dataclass(frozen=True, slots=True)
 class AuditQuery:
-    identity: str | None = None  # identity, user or by (exact)
+    identity: str | None = None  # identity, user, by or key_id (exact)
     route: str | None = None  # route (exact) or, failing that, path prefix
     status: int | None = None
     since: float | None = None  # epoch seconds, inclusive
@@ -42,6 +42,7 @@ class AuditQuery:
             record.get("identity"),
             record.get("user"),
             record.get("by"),
+            record.get("key_id"),  # a key's requests, allowed or refused, and its changes
         ):
             return False
         if self.route is not None and record.get("route") != self.route:
