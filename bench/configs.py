@@ -170,12 +170,13 @@ def redis_argv(executable: str, port: int) -> list[str]:
     ]
 
 
+# Appended to Garrison's config for the observe row: the same process without its audit log
+# and per-request metrics (reloaded with SIGHUP, then reloaded back).
+UNOBSERVED = '\n[audit]\nsink = "off"\n\n[metrics]\nenabled = false\n'
+
+
 def garrison_config(
-    directory: Path,
-    certs: CertFiles,
-    upstream_port: int,
-    limits_backend: str = "memory",
-    observe: bool = True,
+    directory: Path, certs: CertFiles, upstream_port: int, limits_backend: str = "memory"
 ) -> Path:
     """Garrison's config: JSON access log to a file; "/" public (`auth = ["none"]`, the baseline
     of every workload); /auth-key/ (API key only) and /auth-jwt/ (JWT only) to the same upstream
@@ -183,7 +184,7 @@ def garrison_config(
     a rate and a concurrency limit) likewise, its counters in `limits_backend` ("memory" or a
     redis:// URL). "/" and the auth routes have no limits, so the limits stage passes them by.
     The audit log and metrics are Garrison's defaults (a line per request to <data>/audit.log,
-    fsynced every second; per-request counters); `observe` False turns both off."""
+    fsynced every second; per-request counters); the observe row turns both off (UNOBSERVED)."""
     directory.mkdir(parents=True, exist_ok=True)
     conf = directory / "garrison.toml"
     conf.write_text(
@@ -223,7 +224,6 @@ auth = ["api_key"]
 rate = ["{LIMITS_RATE}"]
 concurrency = {LIMITS_CONCURRENCY}
 """
-        + ("" if observe else '\n[audit]\nsink = "off"\n\n[metrics]\nenabled = false\n')
     )
     _ = certs  # Garrison issues its own ECDSA P-256 certificate; see targets.garrison_cert_note.
     return conf

@@ -21,6 +21,7 @@ WORKLOADS = (
     "ka32jwt",
     "ka32limmem",
     "ka32limredis",
+    "ka32bare",
     "ka256",
     "newconn",
     "sse",
@@ -33,36 +34,33 @@ VARIANTS = {
     "ka32jwt": ("ka32", "jwt"),
     "ka32limmem": ("ka32", "limits"),
     "ka32limredis": ("ka32", "limits"),
+    "ka32bare": ("ka32", "bare"),  # the same process, audit log + metrics reloaded off
 }
 AUTH_VARIANTS = {w: v for w, v in VARIANTS.items() if v[1] in ("key", "jwt")}
 VARIANT_TARGETS = {
     "ka32key": (*targets.AUTH_TARGETS, "garrison-redis"),  # also the base of its limits row
     "ka32jwt": targets.AUTH_TARGETS,
-    "ka32limmem": tuple(
-        t
-        for t, b in targets.LIMITS_BACKENDS.items()
-        if b == "memory" and t not in targets.UNOBSERVED
-    ),
+    "ka32limmem": tuple(t for t, b in targets.LIMITS_BACKENDS.items() if b == "memory"),
     "ka32limredis": tuple(t for t, b in targets.LIMITS_BACKENDS.items() if b == "redis"),
+    "ka32bare": ("garrison",),
 }
 # Targets that run only some workloads: the Redis-backed Garrison exists for its limits row (and
 # the plain row it is compared with).
-TARGET_WORKLOADS = {
-    "garrison-redis": ("ka32", "ka32key", "ka32limredis"),
-    "garrison-bare": ("ka32",),  # the "without" side of what audit + metrics cost
-}
+TARGET_WORKLOADS = {"garrison-redis": ("ka32", "ka32key", "ka32limredis")}
 # What makes such a target worth starting: the rows it exists for.
-STARTED_FOR = {"garrison-redis": ("ka32key", "ka32limredis"), "garrison-bare": ("ka32",)}
+STARTED_FOR = {"garrison-redis": ("ka32key", "ka32limredis")}
 _LIMITS = ("ka32", "ka32key", "ka32limmem", "ka32limredis")
+_KEEPALIVE = ("ka32", "ka32key", "ka32jwt", "ka32limmem", "ka32limredis", "ka32bare", "ka256")
 ALIASES = {
-    "keepalive": ("ka32", "ka32key", "ka32jwt", "ka32limmem", "ka32limredis", "ka256"),
-    "small": ("ka32", "ka32key", "ka32jwt", "ka32limmem", "ka32limredis", "ka256", "newconn"),
+    "keepalive": _KEEPALIVE,
+    "small": (*_KEEPALIVE, "newconn"),
     "auth": ("ka32", "ka32key", "ka32jwt"),
     "limits": _LIMITS,
+    "observe": ("ka32", "ka32bare"),
 }
 # Workloads that share one upstream (and one start of every target).
 GROUPS = (
-    ("small", ("ka32", "ka32key", "ka32jwt", "ka32limmem", "ka32limredis", "ka256", "newconn")),
+    ("small", (*_KEEPALIVE, "newconn")),
     ("sse", ("sse",)),
     ("upload", ("upload",)),
 )
@@ -230,6 +228,8 @@ def _runner(
 ) -> Callable[[], Measurement]:
     if workload == "ka32":
         return lambda: workloads.keepalive(target, 32, params)
+    if workload == "ka32bare":
+        return lambda: workloads.keepalive_unobserved(target, params)
     if workload in AUTH_VARIANTS:
         kind = AUTH_VARIANTS[workload][1]
         return lambda: workloads.keepalive(target, 32, params, auth=kind)

@@ -1,6 +1,5 @@
-"""The targets: the direct upstream (the ceiling), nginx, Caddy, Garrison (1 and 2 workers),
-Garrison with its limit counters in a redis-server of its own (the limits rows only), and Garrison
-without its audit log and metrics (the "without" side of their cost; the plain row only).
+"""The targets: the direct upstream (the ceiling), nginx, Caddy, Garrison (1 and 2 workers), and
+Garrison with its limit counters in a redis-server of its own (the limits rows only).
 
 A target is started in front of one upstream port and probed once over TLS, so that the results can
 say which certificate key and TLS version each one actually served.
@@ -9,8 +8,10 @@ say which certificate key and TLS version each one actually served.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import statistics
@@ -29,15 +30,7 @@ from bench import configs
 from bench.certs import CertFiles, describe_key
 from bench.procs import Proc, Procs, free_port
 
-ALL_TARGETS = (
-    "direct",
-    "nginx",
-    "caddy",
-    "garrison",
-    "garrison2",
-    "garrison-redis",
-    "garrison-bare",
-)
+ALL_TARGETS = ("direct", "nginx", "caddy", "garrison", "garrison2", "garrison-redis")
 LABELS = {
     "direct": "direct (no proxy, plain HTTP)",
     "nginx": "nginx (1 worker)",
@@ -45,11 +38,8 @@ LABELS = {
     "garrison": "Garrison (1 process)",
     "garrison2": "Garrison (--workers 2)",
     "garrison-redis": "Garrison (1 process, `[limits] backend` = its own redis-server)",
-    "garrison-bare": 'Garrison (1 process, `[audit] sink = "off"`, `[metrics] enabled = false`)',
 }
-GARRISONS = ("garrison", "garrison2", "garrison-redis", "garrison-bare")
-# Garrisons without the audit log and per-request metrics (the default has both on).
-UNOBSERVED = ("garrison-bare",)
+GARRISONS = ("garrison", "garrison2", "garrison-redis")
 # The targets with the authenticated routes of configs.AUTH_ROUTES (an API key made at start).
 AUTH_TARGETS = ("garrison", "garrison2")
 # Where each Garrison keeps the counters of configs.LIMITS_ROUTE.
@@ -57,7 +47,6 @@ LIMITS_BACKENDS = {
     "garrison": "memory",
     "garrison2": "memory",
     "garrison-redis": "redis",
-    "garrison-bare": "memory",
 }
 
 
@@ -74,6 +63,7 @@ class Target:
     limits: str | None = None  # Garrison only: LIMITS_BACKENDS[name]
     redis: Proc | None = None  # garrison-redis only: its redis-server
     redis_port: int | None = None
+    config: Path | None = None  # Garrison only: its config file (the observe row reloads it)
 
 
 def garrison_executable() -> str:
@@ -288,9 +278,7 @@ def start(name: str, procs: Procs, workdir: Path, upstream_port: int, certs: Cer
         if LIMITS_BACKENDS[name] == "redis":
             redis_proc, redis_port = start_redis(procs)
             backend = configs.redis_url(redis_port)
-        conf = configs.garrison_config(
-            directory, certs, upstream_port, backend, observe=name not in UNOBSERVED
-        )
+        conf = configs.garrison_config(directory, certs, upstream_port, backend)
         data_dir = directory / "data"
         api_key = create_api_key(data_dir)
         argv = [
@@ -311,6 +299,8 @@ def start(name: str, procs: Procs, workdir: Path, upstream_port: int, certs: Cer
     else:
         raise ValueError(f"unknown target {name!r}; choose from {', '.join(ALL_TARGETS)}")
     target = Target(name, f"https://127.0.0.1:{port}", proc, directory / "access.log")
+    if name in GARRISONS:
+        target.config = directory / "garrison.toml"
     if api_key is not None:
         target.api_key = api_key
         target.limits = LIMITS_BACKENDS[name]
@@ -320,6 +310,25 @@ def start(name: str, procs: Procs, workdir: Path, upstream_port: int, certs: Cer
     target.tls = probe_tls(port)
     target.tls["ca"] = describe_key(_ca_path(proc, certs).read_bytes())
     return target
+
+
+RELOADED = "configuration reloaded"
+
+
+def reload_config(target: Target, text: str, timeout: float = 30.0) -> None:
+    """Write Garrison's config and SIGHUP it; return once it says the reload is done (a refused
+    reload fails the measurement: it would measure the wrong thing)."""
+    if target.proc is None or target.config is None:
+        raise RuntimeError(f"{target.name} is not a Garrison with a config file")
+    done = target.proc.output().count(RELOADED)
+    target.config.write_text(text)
+    os.kill(target.proc.pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while target.proc.output().count(RELOADED) <= done:
+        if "reload refused" in target.proc.output()[-4000:] or time.monotonic() > deadline:
+            raise RuntimeError(f"{target.name}: reload failed\n{target.proc.output()[-1000:]}")
+        target.proc.check_alive()
+        time.sleep(0.05)
 
 
 def _ca_path(proc: Proc, certs: CertFiles) -> Path:

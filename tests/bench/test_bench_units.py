@@ -116,8 +116,10 @@ def test_aliases_include_the_auth_rows() -> None:
         "ka32jwt",
         "ka32limmem",
         "ka32limredis",
+        "ka32bare",
         "ka256",
     )
+    assert runner.expand_workloads(["observe"]) == ("ka32", "ka32bare")
     assert set(runner.expand_workloads(["small"])) == set(runner.GROUPS[0][1])
     plan = cli.plan_from(cli.parse_args(["--only", "auth", "--targets", "garrison"]))
     assert plan.workloads == ("ka32", "ka32key", "ka32jwt")
@@ -374,46 +376,56 @@ def test_redis_cost_is_the_paired_cpu_difference_and_labelled() -> None:
     assert report.redis_cost_lines(_results({("ka32", "garrison"): [1, 1, 1]})) == []
 
 
-def test_garrison_bare_config_turns_audit_and_metrics_off(tmp_path: Path) -> None:
-    default = build(configs.garrison_config(tmp_path / "on", _certs(tmp_path), 9999))
+def test_unobserved_config_turns_audit_and_metrics_off(tmp_path: Path) -> None:
+    conf = configs.garrison_config(tmp_path, _certs(tmp_path), 9999)
+    default = build(conf)
     assert default.audit.sink == "file" and default.audit.requests == "all"
     assert default.metrics.enabled
-    bare = build(configs.garrison_config(tmp_path / "off", _certs(tmp_path), 9999, observe=False))
+    conf.write_text(conf.read_text() + configs.UNOBSERVED)
+    bare = build(conf)
     assert bare.audit.sink == "off" and not bare.metrics.enabled
     # Everything else is the same: the routes and the access log.
     assert [r.path for r in bare.route] == [r.path for r in default.route]
-    assert str(bare.server.access_log) == f"{tmp_path / 'off'}/access.log"
+    assert bare.server.access_log == default.server.access_log
 
 
-def test_garrison_bare_runs_the_plain_row_only() -> None:
-    every = runner.schedule(
-        runner.WORKLOADS[:7], ["garrison", "garrison-bare"], 0, runner.VARIANT_TARGETS
-    )
-    assert [w for w, t in every if t == "garrison-bare"] == ["ka32"]
-    assert "garrison-bare" not in runner.VARIANT_TARGETS["ka32limmem"]
+def test_the_bare_row_runs_next_to_the_plain_row_on_garrison_only() -> None:
+    names = runner.expand_workloads(["observe"])
+    order = ["nginx", "garrison", "garrison2"]
+    allowed = runner.VARIANT_TARGETS
+    assert runner.schedule(names, order, 0, allowed) == [
+        ("ka32", "nginx"),
+        ("ka32", "garrison"),
+        ("ka32bare", "garrison"),
+        ("ka32", "garrison2"),
+    ]
+    assert runner.schedule(names, order[::-1], 1, allowed)[1:3] == [
+        ("ka32bare", "garrison"),
+        ("ka32", "garrison"),
+    ]
 
 
-def test_audit_and_metrics_cost_is_checked_against_the_bare_process() -> None:
+def test_audit_and_metrics_cost_is_checked_against_the_same_process() -> None:
     results = _results({("ka32", "garrison"): [9000, 9400, 8600]})
     for rep, (rps, cpu) in enumerate(((10000, 100), (10000, 110), (10000, 90))):
-        results.add("ka32", "garrison-bare", rep, {"rps": float(rps), "cpu_us": float(cpu)})
+        results.add("ka32bare", "garrison", rep, {"rps": float(rps), "cpu_us": float(cpu)})
     for rep, cpu in enumerate((110, 118, 99)):
         results.data["ka32"]["garrison"][rep]["cpu_us"] = float(cpu)  # type: ignore[index]
-    label = "keep-alive 32: Garrison / Garrison without audit + metrics req/s (paired)"
+    label = "keep-alive 32: Garrison / the same process without audit + metrics req/s (paired)"
     assert _check_line(report.checks_table(results), label).endswith("| 0.90x | ≥ 0.9x | PASS |")
+    lines = "\n".join(report.observe_cost_lines(results))
+    assert "| req/s, with / without audit + metrics | 0.90x |" in lines
+    assert "| the same, ratio of the medians | 0.90x |" in lines
+    # Per repetition: 10, 8, 9 µs; median 9, of the bare run's median 100 µs.
+    assert "| extra proxy CPU per request | 9 µs (+9% of the bare run's) |" in lines
     # Paired: the median of the per-repetition ratios, not the ratio of the medians. Here the
-    # machine is fast in rep 1, slow in rep 2, and busy during garrison's half of rep 3: two
+    # machine is fast in rep 1, slow in rep 2, and busy during the plain half of rep 3: two
     # pairs say 0.95x, while the medians' ratio (5,900 / 9,000) would say 0.66x.
     drift = _results({("ka32", "garrison"): [9500, 5700, 5900]})
     for rep, rps in enumerate((10000, 6000, 9000)):
-        drift.add("ka32", "garrison-bare", rep, {"rps": float(rps)})
+        drift.add("ka32bare", "garrison", rep, {"rps": float(rps)})
     assert _check_line(report.checks_table(drift), label).endswith("| 0.95x | ≥ 0.9x | PASS |")
-    assert "| req/s, with / without audit + metrics | 0.66x |" in "\n".join(
+    assert "| the same, ratio of the medians | 0.66x |" in "\n".join(
         report.observe_cost_lines(drift)
     )
-    lines = "\n".join(report.observe_cost_lines(results))
-    assert "| req/s, with / without audit + metrics | 0.90x |" in lines
-    assert "| the same, paired | 0.90x |" in lines
-    # Per repetition: 10, 8, 9 µs; median 9, of the bare process's median 100 µs.
-    assert "| extra proxy CPU per request | 9 µs (+9% of the bare process's) |" in lines
     assert report.observe_cost_lines(_results({("ka32", "garrison"): [1, 1, 1]})) == []
