@@ -67,9 +67,10 @@ def notes_for(results: runner.Results) -> list[str]:
         "buffers 64 KiB / 0.2 s), Caddy its JSON access log (zap, written per request, with "
         "request headers: the heaviest of the three). The upstream nginx logs nothing. Garrison "
         "also keeps its defaults: the audit log (a line per request in <data>/audit.log, fsynced "
-        "every second) and per-request metrics; `garrison-bare` turns those two off "
-        '(`[audit] sink = "off"`, `[metrics] enabled = false`) and is measured on the plain '
-        "keep-alive 32 row only, next to `garrison`: their ratio is what audit + metrics cost.",
+        "every second) and per-request metrics. The `ka32bare` row reloads `garrison` (SIGHUP) "
+        'with those two off (`[audit] sink = "off"`, `[metrics] enabled = false`), runs the '
+        "keep-alive 32 load next to the plain row and reloads the defaults back: the ratio of the "
+        "two rows of the same process is what audit + metrics cost.",
         "`direct` is the upstream itself over plain HTTP (no TLS, no proxy): the ceiling. For the "
         "new-connection workload it measures new TCP connections per second, not handshakes.",
         "Client, proxy and upstream share the machine's cores. nginx runs 1 worker; Caddy runs "
