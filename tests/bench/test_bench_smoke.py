@@ -94,6 +94,7 @@ def test_command_line_plan() -> None:
         "ka32jwt",
         "ka32limmem",
         "ka32limredis",
+        "ka32bare",
         "ka256",
         "sse",
     )
